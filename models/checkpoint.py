@@ -1,0 +1,156 @@
+"""Safetensors loading: a single file or a sharded index, both naming schemes mapped to one layout.
+
+Q/K/V are fused into one [q+2kv, d] matrix and gate/up into one [2F, d] matrix at load time, so a
+layer runs two input matmuls instead of five. Per-layer tensors are stacked on a leading layer axis.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import CheckpointError, ModelConfig, load_config
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor        # [V, d]
+    attn_norm: torch.Tensor    # [nL, d]
+    wqkv: torch.Tensor         # [nL, q + 2kv, d]   rows: q | k | v
+    bqkv: torch.Tensor | None  # [nL, q + 2kv]      Dream only
+    wo: torch.Tensor           # [nL, d, q]
+    ffn_norm: torch.Tensor     # [nL, d]
+    w_gate_up: torch.Tensor    # [nL, 2F, d]        rows: gate | up
+    w_down: torch.Tensor       # [nL, d, F]
+    final_norm: torch.Tensor   # [d]
+    head: torch.Tensor         # [V, d]             the embedding itself when tied
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None, slice | None, tuple[int, ...]]]:
+    """Checkpoint tensor name -> (Weights field, layer or None, row slice in the fused tensor, expected shape)."""
+    d, q, kv, F, V = cfg.d_model, cfg.q_width, cfg.kv_width, cfg.mlp_hidden, cfg.vocab_size
+    qs, ks, vs = slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
+    gs, us = slice(0, F), slice(F, 2 * F)
+    out: dict = {}
+    if cfg.family == "llada":
+        p = "model.transformer."
+        out[p + "wte.weight"] = ("embed", None, None, (V, d))
+        out[p + "ln_f.weight"] = ("final_norm", None, None, (d,))
+        if not cfg.tied_head:
+            out[p + "ff_out.weight"] = ("head", None, None, (V, d))
+        for i in range(cfg.n_layers):
+            b = f"{p}blocks.{i}."
+            out[b + "attn_norm.weight"] = ("attn_norm", i, None, (d,))
+            out[b + "ff_norm.weight"] = ("ffn_norm", i, None, (d,))
+            out[b + "q_proj.weight"] = ("wqkv", i, qs, (q, d))
+            out[b + "k_proj.weight"] = ("wqkv", i, ks, (kv, d))
+            out[b + "v_proj.weight"] = ("wqkv", i, vs, (kv, d))
+            out[b + "attn_out.weight"] = ("wo", i, None, (d, q))
+            out[b + "ff_proj.weight"] = ("w_gate_up", i, gs, (F, d))   # gate: SiLU is applied to it
+            out[b + "up_proj.weight"] = ("w_gate_up", i, us, (F, d))
+            out[b + "ff_out.weight"] = ("w_down", i, None, (d, F))
+    else:
+        out["model.embed_tokens.weight"] = ("embed", None, None, (V, d))
+        out["model.norm.weight"] = ("final_norm", None, None, (d,))
+        if not cfg.tied_head:
+            out["lm_head.weight"] = ("head", None, None, (V, d))
+        for i in range(cfg.n_layers):
+            b = f"model.layers.{i}."
+            out[b + "input_layernorm.weight"] = ("attn_norm", i, None, (d,))
+            out[b + "post_attention_layernorm.weight"] = ("ffn_norm", i, None, (d,))
+            for name, sl, width in [("q", qs, q), ("k", ks, kv), ("v", vs, kv)]:
+                out[b + f"self_attn.{name}_proj.weight"] = ("wqkv", i, sl, (width, d))
+                out[b + f"self_attn.{name}_proj.bias"] = ("bqkv", i, sl, (width,))
+            out[b + "self_attn.o_proj.weight"] = ("wo", i, None, (d, q))
+            out[b + "mlp.gate_proj.weight"] = ("w_gate_up", i, gs, (F, d))
+            out[b + "mlp.up_proj.weight"] = ("w_gate_up", i, us, (F, d))
+            out[b + "mlp.down_proj.weight"] = ("w_down", i, None, (d, F))
+    return out
+
+
+def _shard_map(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+        files = {f: folder / f for f in set(weight_map.values())}
+        for f, p in files.items():
+            if not p.is_file():
+                raise CheckpointError(f"{index} names shard '{f}', which is not in {folder}; "
+                                      f"download the missing shard")
+        return {name: files[f] for name, f in weight_map.items()}
+    if single.is_file():
+        return {name: single for name in _open(single).keys()}
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
+                          f"--model must be a checkpoint folder with safetensors weights")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); it is truncated or corrupt, "
+                              f"download it again") from None
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
+
+
+def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Weights:
+    folder = Path(folder)
+    expected = checkpoint_names(cfg)
+    where = _shard_map(folder)
+    missing, extra = set(expected) - set(where), set(where) - set(expected)
+    hint = (f"config.json says {cfg.family} with {cfg.n_layers} layers, d={cfg.d_model}: the weights belong to a "
+            f"different model, or a shard is missing")
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensors missing: {_listing(missing)}; {hint}")
+    if extra:
+        raise CheckpointError(f"{folder}: {len(extra)} unexpected tensors: {_listing(extra)}; {hint}")
+
+    d, q, kv, F, V, nL = cfg.d_model, cfg.q_width, cfg.kv_width, cfg.mlp_hidden, cfg.vocab_size, cfg.n_layers
+    shapes = dict(embed=(V, d), attn_norm=(nL, d), wqkv=(nL, q + 2 * kv, d), wo=(nL, d, q), ffn_norm=(nL, d),
+                  w_gate_up=(nL, 2 * F, d), w_down=(nL, d, F), final_norm=(d,), head=(V, d))
+    if cfg.qkv_bias:
+        shapes["bqkv"] = (nL, q + 2 * kv)
+    if cfg.tied_head:
+        del shapes["head"]
+    out = {k: torch.empty(s, dtype=dtype, device=device) for k, s in shapes.items()}
+
+    handles = {}
+    for name, (field, layer, rows, shape) in expected.items():
+        path = where[name]
+        h = handles.get(path) or handles.setdefault(path, _open(path))
+        try:
+            t = h.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); the file is truncated or "
+                                  f"corrupt, download it again") from None
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape} from "
+                                  f"config.json; the config and the weights do not belong together")
+        dst = out[field] if layer is None else out[field][layer]
+        if rows is not None:
+            dst = dst[rows]
+        dst.copy_(t)
+    if cfg.tied_head:
+        out["head"] = out["embed"]
+    out.setdefault("bqkv", None)
+    return Weights(**out)
+
+
+def load_checkpoint(folder: str | Path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, Weights]:
+    cfg = load_config(folder)
+    return cfg, load_weights(folder, cfg, dtype=dtype, device=device)

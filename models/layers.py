@@ -1,0 +1,118 @@
+"""The network as plain functions: RMSNorm, rotate-half RoPE, bidirectional attention, SwiGLU.
+
+Knows nothing about caching: a step function (runtime/steps.py) decides which rows go through
+`block` and where the results are stored. Shapes: B batch, S rows computed, L canvas length,
+H / Hkv query / key-value heads, hd head dim, d model width, F FFN width, V vocab.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Weights
+from .config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in fp32, cast back, then scale (the order both references use)
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, L] int64 -> cos, sin [B, 1, L, hd] fp32 (rotate-half layout: cat(f, f))."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64,
+                                                      device=positions.device).float() / hd))  # [hd/2]
+    ang = positions.float()[..., None] * inv_freq                                               # [B, L, hd/2]
+    emb = torch.cat([ang, ang], dim=-1)[:, None]                                                # [B, 1, L, hd]
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """x [B, H, S, hd]; cos/sin [B, 1, S, hd] fp32. LLaDA rotates in fp32, Dream in the activation dtype."""
+    if fp32:
+        xf = x.float()
+        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    return x * c + _rotate_half(x) * s
+
+
+def qkv(w: Weights, cfg: ModelConfig, i: int, xn: torch.Tensor):
+    """xn [B, S, d] (normed) -> q [B, H, S, hd], k [B, Hkv, S, hd], v [B, Hkv, S, hd] (no RoPE yet)."""
+    B, S, _ = xn.shape
+    y = xn @ w.wqkv[i].t()                                            # [B, S, q + 2kv]
+    if w.bqkv is not None:
+        y = y + w.bqkv[i]
+    q, k, v = y.split([cfg.q_width, cfg.kv_width, cfg.kv_width], dim=-1)
+    q = q.view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    return q, k, v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, S, hd] over k, v [B, Hkv, L, hd]; key_mask [B, 1, 1, L] bool (True = real key) -> [B, S, H*hd].
+
+    Bidirectional; only keys are masked, so no query row is ever fully masked."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=q.shape[1] != k.shape[1])
+    B, H, S, hd = o.shape
+    return o.transpose(1, 2).reshape(B, S, H * hd)
+
+
+def attn_out(w: Weights, i: int, o: torch.Tensor) -> torch.Tensor:
+    return o @ w.wo[i].t()                                            # [B, S, d]
+
+
+def ffn(w: Weights, cfg: ModelConfig, i: int, h: torch.Tensor) -> torch.Tensor:
+    """h [B, S, d] (residual stream after attention) -> FFN delta [B, S, d]."""
+    hn = rms_norm(h, w.ffn_norm[i], cfg.norm_eps)
+    gate, up = (hn @ w.w_gate_up[i].t()).chunk(2, dim=-1)             # [B, S, F] each
+    return (F.silu(gate) * up) @ w.w_down[i].t()
+
+
+def block(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos, sin, key_mask):
+    """One full layer over all rows of x [B, L, d].
+
+    Returns (attention delta [B, L, d], FFN delta [B, L, d], k [B, Hkv, L, hd] post-RoPE, v);
+    the layer output is x + a + m."""
+    q, k, v = qkv(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))
+    q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
+    a = attn_out(w, i, attention(q, k, v, key_mask))
+    m = ffn(w, cfg, i, x + a)
+    return a, m, k, v
+
+
+def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
+    """h [B, R, d] final residual rows -> logits [B, R, V] in the model dtype."""
+    return rms_norm(h, w.final_norm, cfg.norm_eps) @ w.head.t()
+
+
+def positions_and_mask(tokens: torch.Tensor, n_pad: torch.Tensor):
+    """Left-padded canvas: positions count from each row's first real token; pads are masked keys.
+
+    tokens [B, L]; n_pad [B] int64 -> positions [B, L] int64, key_mask [B, 1, 1, L] bool."""
+    L = tokens.shape[1]
+    ar = torch.arange(L, device=tokens.device)[None]                  # [1, L]
+    positions = (ar - n_pad[:, None]).clamp(min=0)
+    key_mask = (ar >= n_pad[:, None])[:, None, None, :]
+    return positions, key_mask
+
+
+def forward(w: Weights, cfg: ModelConfig, tokens: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference whole-canvas forward: tokens [B, L] -> logits [B, L, V] (unshifted: row i is the
+    model's raw output at i; for Dream it predicts token i+1). For tests and tools, not the hot path."""
+    if n_pad is None:
+        n_pad = torch.zeros(tokens.shape[0], dtype=torch.int64, device=tokens.device)
+    positions, key_mask = positions_and_mask(tokens, n_pad)
+    cos, sin = rope_tables(positions, cfg)
+    x = w.embed[tokens]
+    for i in range(cfg.n_layers):
+        a, m, _, _ = block(w, cfg, i, x, cos, sin, key_mask)
+        x = x + a + m
+    return head(w, cfg, x)
