@@ -1,0 +1,1 @@
+"""How a step function is executed (eager today; compile and CUDA-graph backends follow, DESIGN.md §6)."""

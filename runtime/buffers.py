@@ -1,0 +1,124 @@
+"""Everything a step touches, allocated once per request shape (DESIGN.md §3).
+
+A request shape is (batch B, prompt bucket P, response length G, block length, steps). The canvas is
+[B, L] with L = P + G: prompts left-padded to P, responses starting as the mask id. The step reads
+its per-step inputs (which block, how many tokens to commit) from schedule tensors indexed by the
+device step counter `step`, which the step itself increments, so replaying a step needs no host input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.config import ModelConfig
+from models.layers import positions_and_mask, rope_tables
+
+from .decoding import DecodeConfig, RequestError, commit_counts, dream_reveal_probs, check_shape
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    batch: int
+    prompt_bucket: int     # P: prompts are left-padded to this length
+    gen_length: int        # G
+    block_length: int
+    steps: int
+
+    @property
+    def length(self) -> int:
+        return self.prompt_bucket + self.gen_length
+
+    @property
+    def n_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+@dataclass
+class StepState:
+    shape: RequestShape
+    dc: DecodeConfig
+    kmax: int                       # most tokens any step commits (static top-k width)
+    tokens: torch.Tensor            # [B, L] int64   the canvas
+    n_pad: torch.Tensor             # [B] int64      left padding of each prompt
+    key_mask: torch.Tensor          # [B, 1, 1, L] bool
+    cos: torch.Tensor               # [B, 1, L, hd] fp32
+    sin: torch.Tensor               # [B, 1, L, hd] fp32
+    step: torch.Tensor              # [1] int64      device step counter, incremented by every step
+    counts: torch.Tensor            # [steps] int64  tokens to commit at each step
+    block_of_step: torch.Tensor     # [steps] int64
+    reveal_prob: torch.Tensor       # [steps] fp32   Dream 'origin' only (else unused)
+    block_pos: torch.Tensor         # [n_blocks, Bl] int64  canvas positions of each block
+    k_range: torch.Tensor           # [kmax] int64
+    conf: torch.Tensor              # [B, Bl] fp32   the last step's candidate confidences
+    noise: torch.Tensor | None      # [B, Bl, V] sampling noise (float64 for LLaDA, fp32 for Dream)
+    unif: torch.Tensor | None       # [B, Bl] fp32   per-row uniforms (LLaDA random, Dream origin)
+    generator: torch.Generator
+
+    @staticmethod
+    def allocate(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, device) -> "StepState":
+        B, P, G, Bl = shape.batch, shape.prompt_bucket, shape.gen_length, shape.block_length
+        L = shape.length
+        counts = commit_counts(dc, G, Bl, shape.steps)
+        spb = check_shape(G, Bl, shape.steps)
+        kmax = max(counts)
+        i64 = dict(dtype=torch.int64, device=device)
+        noise = None
+        if dc.random_per_vocab:
+            noise = torch.empty(B, Bl, cfg.vocab_size, device=device,
+                                dtype=torch.float64 if dc.family == "llada" else torch.float32)
+        reveal = dream_reveal_probs(spb, dc.eps) * shape.n_blocks if dc.family == "dream" else [0.0] * shape.steps
+        return StepState(
+            shape=shape, dc=dc, kmax=kmax,
+            tokens=torch.full((B, L), cfg.mask_id, **i64),
+            n_pad=torch.zeros(B, **i64),
+            key_mask=torch.ones(B, 1, 1, L, dtype=torch.bool, device=device),
+            cos=torch.empty(B, 1, L, cfg.head_dim, device=device),
+            sin=torch.empty(B, 1, L, cfg.head_dim, device=device),
+            step=torch.zeros(1, **i64),
+            counts=torch.tensor(counts, **i64),
+            block_of_step=torch.arange(shape.steps, **i64) // spb,
+            reveal_prob=torch.tensor(reveal, dtype=torch.float32, device=device),
+            block_pos=P + torch.arange(G, **i64).view(shape.n_blocks, Bl),
+            k_range=torch.arange(kmax, **i64),
+            conf=torch.zeros(B, Bl, device=device),
+            noise=noise,
+            unif=torch.empty(B, Bl, device=device) if dc.random_per_row else None,
+            generator=torch.Generator(device=device),
+        )
+
+    def fill(self, cfg: ModelConfig, prompts: list[list[int]], seed: int) -> None:
+        """Load a request into the buffers in place: left-padded prompts, masked response, step 0."""
+        B, P = self.shape.batch, self.shape.prompt_bucket
+        if len(prompts) != B:
+            raise RequestError(f"{len(prompts)} prompts for a state of batch {B}")
+        canvas = torch.full((B, self.shape.length), cfg.mask_id, dtype=torch.int64)
+        n_pad = torch.empty(B, dtype=torch.int64)
+        for b, ids in enumerate(prompts):
+            n_pad[b] = P - len(ids)
+            canvas[b, :n_pad[b]] = cfg.pad_id
+            canvas[b, n_pad[b]:P] = torch.tensor(ids, dtype=torch.int64)
+        self.tokens.copy_(canvas)
+        self.n_pad.copy_(n_pad)
+        positions, key_mask = positions_and_mask(self.tokens, self.n_pad)
+        cos, sin = rope_tables(positions, cfg)
+        self.key_mask.copy_(key_mask)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.step.zero_()
+        self.conf.zero_()
+        self.generator.manual_seed(seed)
+
+    def current_block(self) -> torch.Tensor:
+        """Canvas positions [Bl] of the block the current step works on (device-side lookup)."""
+        return self.block_pos.index_select(0, self.block_of_step.index_select(0, self.step)).squeeze(0)
+
+    def draw_noise(self) -> None:
+        """Refill this step's random numbers in place (no-op for greedy decoding)."""
+        if self.noise is not None:
+            if self.dc.family == "llada":
+                self.noise.uniform_(generator=self.generator)
+            else:
+                self.noise.exponential_(generator=self.generator)
+        if self.unif is not None:
+            self.unif.uniform_(generator=self.generator)

@@ -1,0 +1,172 @@
+"""On-device token choice (DESIGN.md §5): LLaDA remasking, Dream algs, and their commit schedules.
+
+Schedules are computed on the host once per request (they depend only on shapes), uploaded as
+tensors, and indexed inside the step by the device step counter, so a step never reads a tensor
+value on the host. Commit counts are applied as "top-kmax, keep the first k": kmax is the largest
+count in the schedule (a static shape), k is read from the schedule tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LLADA_REMASKING = ("low_confidence", "random")
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+class RequestError(ValueError):
+    """A generation request that cannot run as given; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    family: str                    # "llada" | "dream"
+    remasking: str = "low_confidence"   # LLaDA
+    alg: str = "entropy"           # Dream
+    temperature: float = 0.0
+    top_p: float | None = None     # Dream only
+    top_k: int | None = None       # Dream only
+    eps: float = 1e-3              # Dream: linspace(1, eps, steps + 1)
+
+    @staticmethod
+    def make(family: str, remasking=None, alg=None, temperature=0.0, top_p=None, top_k=None) -> "DecodeConfig":
+        """Validate user options against the model family and fill the family defaults."""
+        if temperature is None or temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 1:
+            raise RequestError(f"top_k must be >= 1, got {top_k}")
+        if family == "llada":
+            if alg is not None:
+                raise RequestError(f"--alg {alg} is a Dream option; LLaDA chooses tokens with "
+                                   f"--remasking {'|'.join(LLADA_REMASKING)}")
+            if top_p is not None or top_k is not None:
+                raise RequestError("top-p / top-k are Dream options; LLaDA samples with --temperature only "
+                                   "(Gumbel-max over the full vocabulary)")
+            remasking = remasking or "low_confidence"
+            if remasking not in LLADA_REMASKING:
+                raise RequestError(f"unknown remasking {remasking!r}; choose one of {', '.join(LLADA_REMASKING)}")
+            return DecodeConfig("llada", remasking=remasking, temperature=float(temperature))
+        if remasking is not None:
+            raise RequestError(f"--remasking {remasking} is a LLaDA option; Dream chooses tokens with "
+                               f"--alg {'|'.join(DREAM_ALGS)}")
+        alg = alg or "entropy"
+        if alg not in DREAM_ALGS:
+            raise RequestError(f"unknown alg {alg!r}; choose one of {', '.join(DREAM_ALGS)}")
+        return DecodeConfig("dream", alg=alg, temperature=float(temperature), top_p=top_p, top_k=top_k)
+
+    @property
+    def random_per_row(self) -> bool:      # needs one uniform per candidate row per step
+        return (self.family == "llada" and self.remasking == "random") or \
+               (self.family == "dream" and self.alg == "origin")
+
+    @property
+    def random_per_vocab(self) -> bool:    # needs one random number per candidate row and vocab entry
+        return self.temperature > 0
+
+
+# ---------------------------------------------------------------- schedules (host, once per request)
+
+def check_shape(gen_length: int, block_length: int, steps: int) -> int:
+    """Validate gen/block/steps; returns steps per block."""
+    if gen_length < 1 or block_length < 1 or steps < 1:
+        raise RequestError(f"gen_length, block_length and steps must be >= 1 "
+                           f"(got {gen_length}, {block_length}, {steps})")
+    if gen_length % block_length:
+        raise RequestError(f"gen_length {gen_length} is not a multiple of block_length {block_length}; "
+                           f"choose a block_length that divides it")
+    n_blocks = gen_length // block_length
+    if steps % n_blocks:
+        raise RequestError(f"steps {steps} is not a multiple of the number of blocks {n_blocks} "
+                           f"(gen_length {gen_length} / block_length {block_length}); use a multiple of {n_blocks}")
+    return steps // n_blocks
+
+
+def llada_block_counts(block_length: int, steps_per_block: int) -> list[int]:
+    """LLaDA: spread a block's masks evenly over its steps, the first (n % s) steps one more."""
+    base, rem = divmod(block_length, steps_per_block)
+    return [base + (i < rem) for i in range(steps_per_block)]
+
+
+def dream_timesteps(steps: int, eps: float) -> torch.Tensor:
+    return torch.linspace(1, eps, steps + 1)          # fp32, as the reference
+
+
+def dream_block_counts(block_length: int, steps_per_block: int, eps: float = 1e-3) -> list[int]:
+    """Dream: k = int(n_mask * (1 - s/t)) in fp32 tensor arithmetic, all remaining masks on the last step."""
+    ts = dream_timesteps(steps_per_block, eps)
+    left, out = block_length, []
+    for i in range(steps_per_block):
+        if i < steps_per_block - 1:
+            k = int(torch.tensor(float(left)) * (1 - ts[i + 1] / ts[i]))
+        else:
+            k = left
+        out.append(k)
+        left -= k
+    return out
+
+
+def dream_reveal_probs(steps_per_block: int, eps: float = 1e-3) -> list[float]:
+    """Dream 'origin': each masked row is revealed with probability 1 - s/t (1 on the last step)."""
+    ts = dream_timesteps(steps_per_block, eps)
+    return [float(1 - ts[i + 1] / ts[i]) if i < steps_per_block - 1 else 1.0 for i in range(steps_per_block)]
+
+
+def commit_counts(dc: DecodeConfig, gen_length: int, block_length: int, steps: int) -> list[int]:
+    """Tokens committed at each of the request's steps (over all blocks)."""
+    spb = check_shape(gen_length, block_length, steps)
+    per_block = (llada_block_counts(block_length, spb) if dc.family == "llada"
+                 else dream_block_counts(block_length, spb, dc.eps))
+    return per_block * (gen_length // block_length)
+
+
+# ---------------------------------------------------------------- token choice (device, inside a step)
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest prefix of the sorted distribution whose mass exceeds top_p (always the top token)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = torch.cat([torch.zeros_like(cum[..., :1], dtype=torch.bool), (cum > top_p)[..., :-1]], dim=-1)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def choose(dc: DecodeConfig, logits: torch.Tensor, noise: torch.Tensor | None, unif: torch.Tensor | None):
+    """logits [B, R, V] fp32 for the candidate rows -> (x0 [B, R] int64, confidence [B, R] fp32).
+
+    noise [B, R, V]: uniforms (LLaDA Gumbel, float64) or Exp(1) draws (Dream sampling), refilled by the
+    caller each step; unif [B, R]: uniforms for LLaDA 'random' remasking."""
+    if dc.family == "llada":
+        if dc.temperature > 0:   # Gumbel-max in float64: argmax exp(l) / (-log u)^T samples softmax(l / T)
+            x0 = (logits.double().exp() / (-noise.log()).pow(dc.temperature)).argmax(-1)
+        else:
+            x0 = logits.argmax(-1)
+        if dc.remasking == "random":
+            return x0, unif
+        return x0, logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+
+    if dc.temperature > 0:
+        logits = logits / dc.temperature
+    if dc.top_p is not None and dc.top_p < 1:
+        logits = _top_p_filter(logits, dc.top_p)
+    if dc.top_k is not None:
+        logits = _top_k_filter(logits, dc.top_k)
+    probs = logits.softmax(-1)                                        # [B, R, V]
+    if dc.temperature > 0:   # exponential race: argmax p / E with E ~ Exp(1) is a categorical sample
+        x0 = (probs / noise).argmax(-1)
+        conf = probs.gather(-1, x0[..., None]).squeeze(-1)
+    else:
+        conf, x0 = probs.max(-1)
+    if dc.alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif dc.alg == "entropy":
+        conf = (probs * (probs + 1e-10).log()).sum(-1)
+    return x0, conf
