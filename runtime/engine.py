@@ -106,6 +106,14 @@ class Engine:
             self._tokenizer = load_tokenizer(self.folder, self.trust_remote_code)
         return self._tokenizer
 
+    def _tokenizer_if_usable(self):
+        """For decoding an id prompt's output: no tokenizer (or one that needs custom code the caller
+        did not allow) means no text, not an error; the caller asked for ids."""
+        try:
+            return self.tokenizer
+        except CheckpointError:
+            return None
+
     def encode(self, text: str, chat: bool = False) -> list[int]:
         tok = self.tokenizer
         if tok is None:
@@ -178,9 +186,8 @@ class Engine:
             kinds = scheduler.run(plan, step_fns)
             out = st.tokens[:, bucket:].cpu().tolist()
             t1 = time.perf_counter()
-        text = None
-        if self.folder is not None and self.tokenizer is not None:
-            text = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+        tok = self._tokenizer_if_usable()
+        text = None if tok is None else [tok.decode(ids, skip_special_tokens=True) for ids in out]
         return Generation(tokens=out, text=text, steps=steps, step_kinds=dict(kinds), seconds=t1 - t0,
                           prompt_tokens=[len(p) for p in prompts])
 
