@@ -1,0 +1,83 @@
+"""End-to-end generation latency per policy, one run, one machine.
+
+    python -m perf.e2e --preset small --family llada --prompt-len 256 --gen-length 64 --steps 64 --block-length 32
+
+Writes a tiny random checkpoint of the preset (real on-disk format) into a temp folder, loads it with
+the real loader, warms up once per policy, then times `--repeats` generations and reports the median
+seconds, tokens/s, the ratio to the first policy (the baseline) and token agreement with it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.tiny import PRESETS, write_tiny
+from runtime import Engine
+from runtime.policies import make_policy
+
+
+def parse_policy(spec: str):
+    """'none' or 'name:key=val,key=val' -> policy object."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        params[k] = float(v) if "." in v else int(v)
+    return spec, make_policy(name, **params)
+
+
+def measure(eng: Engine, prompt: list[int], policy, repeats: int, **kw):
+    eng.generate(prompt, policy=policy, **kw)                       # warm-up (allocation, first-touch)
+    runs = [eng.generate(prompt, policy=policy, **kw) for _ in range(repeats)]
+    return statistics.median(r.seconds for r in runs), runs[-1]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["llada", "dream"], default="llada")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--block-length", type=int, default=None)
+    ap.add_argument("--policies", nargs="+", default=["none"],
+                    help="first is the baseline; e.g. none dllm-cache:kp=100,kr=7,rho=0.25")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tiny(Path(tmp) / a.preset, a.family, a.preset, tokenizer=False)
+        eng = Engine.from_pretrained(folder)
+    cfg = eng.cfg
+    g = torch.Generator().manual_seed(0)
+    specials = {cfg.mask_id, cfg.eos_id, cfg.pad_id}
+    prompt = [t for t in torch.randint(8, cfg.vocab_size, (a.prompt_len * 2,), generator=g).tolist()
+              if t not in specials][: a.prompt_len]
+    kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length or a.gen_length)
+
+    dev = "cpu" if eng.device.type == "cpu" else torch.cuda.get_device_name()
+    print(f"# {a.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
+          f"P={a.prompt_len} G={a.gen_length} steps={a.steps} block={kw['block_length']} "
+          f"device={dev} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
+    print(f"{'policy':<36} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7}  step kinds")
+    base_s = base_tokens = None
+    for spec in a.policies:
+        label, policy = parse_policy(spec)
+        sec, out = measure(eng, prompt, policy, a.repeats, **kw)
+        toks = out.tokens[0]
+        if base_s is None:
+            base_s, base_tokens = sec, toks
+        agree = sum(x == y for x, y in zip(toks, base_tokens)) / len(toks)
+        kinds = " ".join(f"{k}={n}" for k, n in out.step_kinds.items())
+        print(f"{label:<36} {sec:>9.3f} {len(toks) / sec:>9.1f} {base_s / sec:>7.2f}x {agree:>7.1%}  {kinds}")
+
+
+if __name__ == "__main__":
+    main()
