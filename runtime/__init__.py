@@ -1,6 +1,6 @@
 """Generation: what a step computes and in what order steps run."""
 from .decoding import DecodeConfig, RequestError
 from .engine import Engine, Generation
-from .policies import NoCache
+from .policies import DllmCache, NoCache, make_policy
 
-__all__ = ["DecodeConfig", "Engine", "Generation", "NoCache", "RequestError"]
+__all__ = ["DecodeConfig", "Engine", "Generation", "DllmCache", "NoCache", "RequestError", "make_policy"]

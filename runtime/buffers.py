@@ -122,3 +122,32 @@ class StepState:
                 self.noise.exponential_(generator=self.generator)
         if self.unif is not None:
             self.unif.uniform_(generator=self.generator)
+
+
+@dataclass
+class Cache:
+    """Per-layer features of every canvas row, written by full and partial steps (DESIGN.md §3).
+
+    Since a layer's output is x + A + M, the hidden state of any row at any layer is the embedding
+    plus a running sum of cached deltas: rows that are not recomputed still carry exact-as-cached
+    states into the next layer and into the head."""
+    k: torch.Tensor            # [nL, B, Hkv, L, hd]  post-RoPE keys (positions never change)
+    v: torch.Tensor            # [nL, B, Hkv, L, hd]
+    a: torch.Tensor            # [nL, B, L, d]        attention-branch delta (after the output projection)
+    m: torch.Tensor            # [nL, B, L, d]        FFN-branch delta
+    prompt_rows: torch.Tensor  # [B, P] int64  0..P-1
+    resp_rows: torch.Tensor    # [B, G] int64  P..L-1
+
+    @staticmethod
+    def allocate(cfg: ModelConfig, shape: RequestShape, device, dtype) -> "Cache":
+        nL, B, L, P, G = cfg.n_layers, shape.batch, shape.length, shape.prompt_bucket, shape.gen_length
+        kv = (nL, B, cfg.n_kv_heads, L, cfg.head_dim)
+        i64 = dict(dtype=torch.int64, device=device)
+        return Cache(k=torch.zeros(kv, device=device, dtype=dtype), v=torch.zeros(kv, device=device, dtype=dtype),
+                     a=torch.zeros(nL, B, L, cfg.d_model, device=device, dtype=dtype),
+                     m=torch.zeros(nL, B, L, cfg.d_model, device=device, dtype=dtype),
+                     prompt_rows=torch.arange(P, **i64).expand(B, P).contiguous(),
+                     resp_rows=(P + torch.arange(G, **i64)).expand(B, G).contiguous())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v, "a": self.a, "m": self.m}

@@ -3,6 +3,7 @@
     dllm generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) --gen-length N --steps N
                   --block-length N [--remasking ...] [--alg ...] [--temperature F] [--top-p F] [--top-k N]
                   [--seed N] [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--chat] [--json]
+                  [--policy none|dllm-cache --kp N --kr N --rho F]
 
 With --json, stdout carries exactly one JSON object; errors go to stderr with exit status 2.
 """
@@ -16,6 +17,7 @@ from models.config import CheckpointError
 
 from .decoding import DREAM_ALGS, LLADA_REMASKING, RequestError
 from .engine import DTYPES
+from .policies import POLICIES, make_policy
 
 
 def _ids(text: str) -> list[int]:
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the folder's chat template")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
+    g.add_argument("--policy", choices=list(POLICIES), default="none",
+                   help="cache policy: none (full refresh every step) or dllm-cache")
+    g.add_argument("--kp", type=int, default=100, help="dllm-cache: refresh the prompt every kp steps")
+    g.add_argument("--kr", type=int, default=7, help="dllm-cache: refresh the response every kr steps")
+    g.add_argument("--rho", type=float, default=0.25, help="dllm-cache: fraction of the response recomputed "
+                                                            "by V-verify in between")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return ap
 
@@ -62,11 +70,12 @@ def cmd_generate(a) -> int:
     from .engine import Engine
     if a.chat and a.prompt is None:
         raise RequestError("--chat applies a chat template to --prompt text; it cannot wrap --prompt-ids")
+    policy = make_policy(a.policy, **({"kp": a.kp, "kr": a.kr, "rho": a.rho} if a.policy == "dllm-cache" else {}))
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
     out = eng.generate(a.prompt if a.prompt is not None else a.prompt_ids, gen_length=a.gen_length,
                        steps=a.steps, block_length=a.block_length, remasking=a.remasking, alg=a.alg,
                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
-                       prompt_bucket=a.prompt_bucket)
+                       prompt_bucket=a.prompt_bucket, policy=policy)
     if a.json:
         print(json.dumps(out.to_json()))
         return 0

@@ -11,7 +11,6 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,10 +19,10 @@ from models.checkpoint import Weights, load_weights
 from models.config import CheckpointError, ModelConfig, load_config
 
 from . import scheduler
-from .buffers import RequestShape, StepState
+from .buffers import Cache, RequestShape, StepState
 from .decoding import DecodeConfig, RequestError
 from .policies import NoCache
-from .steps import full_refresh
+from .steps import make_steps
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,6 +82,7 @@ class Engine:
         self.trust_remote_code = trust_remote_code
         self._tokenizer = None
         self._states: dict[tuple, StepState] = {}     # one preallocated state per request shape
+        self._caches: dict[RequestShape, Cache] = {}  # one cache per request shape, for caching policies
 
     @classmethod
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False):
@@ -158,6 +158,11 @@ class Engine:
             self._states[key] = StepState.allocate(self.cfg, shape, dc, self.device)
         return self._states[key]
 
+    def cache_for(self, shape: RequestShape) -> Cache:
+        if shape not in self._caches:
+            self._caches[shape] = Cache.allocate(self.cfg, shape, self.device, self.dtype)
+        return self._caches[shape]
+
     def generate(self, prompt, *, gen_length: int, steps: int, block_length: int | None = None,
                  remasking: str | None = None, alg: str | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0, chat: bool = False,
@@ -176,7 +181,8 @@ class Engine:
                                f"sequence length {cfg.max_seq_len}; shorten the prompt or the response")
         shape = RequestShape(len(prompts), bucket, gen_length, block_length or gen_length, steps)
         st = self.state_for(shape, dc)
-        step_fns = {"full": partial(full_refresh, self.weights, cfg, st)}
+        cache = self.cache_for(shape) if policy.uses_cache else None
+        step_fns = make_steps(self.weights, cfg, st, cache, policy.budget(gen_length))
         plan = policy.plan(steps)
 
         with torch.inference_mode():

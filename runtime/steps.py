@@ -1,8 +1,14 @@
 """Step functions: pure tensor code with static shapes (DESIGN.md §4).
 
-A step is: canvas in -> canvas (and caches, confidences) updated in place. Python branches here are
-on configuration (family, decoding options, whether a cache exists), never on tensor values, so a
-step can be compiled with fullgraph=True and captured as a CUDA graph.
+A step is: canvas in -> canvas, caches and confidences updated in place. Python branches here are
+on configuration (family, decoding options, step kind, budgets), never on tensor values, so every
+step kind can be compiled with fullgraph=True and captured as a CUDA graph.
+
+Step kinds (dLLM-Cache, reference/exact_semantics.md), for layers >= 1; layer 0 is always full:
+  full              all rows recomputed, every cache written
+  response_refresh  response rows recomputed; prompt rows reuse their cached deltas
+  partial           V-verify: fresh V of all response rows, the `budget` least similar rows recomputed
+  prompt_refresh    prompt rows recomputed, plus the V-verify rows
 """
 from __future__ import annotations
 
@@ -11,10 +17,12 @@ import torch.nn.functional as F
 
 from models.checkpoint import Weights
 from models.config import ModelConfig
-from models.layers import block, head
+from models.layers import apply_rope, attention, attn_out, block, ffn, head, rms_norm
 
-from .buffers import StepState
+from .buffers import Cache, StepState
 from .decoding import choose
+
+STEP_KINDS = ("full", "response_refresh", "partial", "prompt_refresh")
 
 
 def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor) -> None:
@@ -49,11 +57,120 @@ def decodable_rows(cfg: ModelConfig, st: StepState) -> torch.Tensor:
     return pos - 1 if cfg.shift_logits else pos
 
 
-def full_refresh(w: Weights, cfg: ModelConfig, st: StepState) -> None:
-    """All L rows through all layers; logits only for the current block's rows."""
+def block_logits(w: Weights, cfg: ModelConfig, st: StepState, x: torch.Tensor) -> torch.Tensor:
+    """Final residual stream x [B, L, d] -> fp32 logits [B, Bl, V] of the current block's decodable rows."""
+    return head(w, cfg, x.index_select(1, decodable_rows(cfg, st))).float()
+
+
+def _full_layer(w, cfg, i, x, st: StepState, cache: Cache | None) -> torch.Tensor:
+    a, m, k, v = block(w, cfg, i, x, st.cos, st.sin, st.key_mask)
+    if cache is not None:
+        cache.k[i].copy_(k)
+        cache.v[i].copy_(v)
+        cache.a[i].copy_(a)
+        cache.m[i].copy_(m)
+    return x + a + m
+
+
+def full_forward(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None = None) -> torch.Tensor:
+    """All L rows through all layers, writing every cache if there is one -> final stream [B, L, d]."""
     x = F.embedding(st.tokens, w.embed)                               # [B, L, d]
     for i in range(cfg.n_layers):
-        a, m, _, _ = block(w, cfg, i, x, st.cos, st.sin, st.key_mask)
-        x = x + a + m
-    logits = head(w, cfg, x.index_select(1, decodable_rows(cfg, st))).float()   # [B, Bl, V]
-    commit(cfg, st, logits)
+        x = _full_layer(w, cfg, i, x, st, cache)
+    return x
+
+
+def full_refresh(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None = None) -> None:
+    """The full step: full forward, logits for the current block only, commit."""
+    commit(cfg, st, block_logits(w, cfg, st, full_forward(w, cfg, st, cache)))
+
+
+def _response_v(w: Weights, cfg: ModelConfig, i: int, n_resp: torch.Tensor) -> torch.Tensor:
+    """n_resp [B, G, d] normed response rows -> V [B, Hkv, G, hd] (only the V slice of the fused weight)."""
+    lo = cfg.q_width + cfg.kv_width
+    v = n_resp @ w.wqkv[i, lo:].t()
+    if w.bqkv is not None:
+        v = v + w.bqkv[i, lo:]
+    B, G, _ = v.shape
+    return v.view(B, G, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+
+
+def v_verify(v_new: torch.Tensor, v_old: torch.Tensor, budget: int) -> torch.Tensor:
+    """Rows whose value vectors changed most: v_new, v_old [B, Hkv, G, hd] -> indices [B, budget] of the
+    lowest cosine similarity over the whole flattened V width (per batch row)."""
+    a, b = v_new.float(), v_old.float()
+    dot = (a * b).sum(dim=(1, 3))                                     # [B, G]
+    norms = a.pow(2).sum(dim=(1, 3)).sqrt() * b.pow(2).sum(dim=(1, 3)).sqrt()
+    cos = dot / norms.clamp_min(1e-8)
+    return cos.topk(budget, dim=1, largest=False).indices
+
+
+def _rows_layer(w, cfg, i, x, st: StepState, cache: Cache, rows: torch.Tensor, n_prompt: int,
+                v_resp: torch.Tensor | None) -> torch.Tensor:
+    """Recompute the rows [B, S] of layer i against the cache; everything else reuses cached deltas.
+
+    The first n_prompt entries of rows are the prompt rows (their V is computed here); the response
+    V cache has already been written from v_resp (V-verify computes it for all response rows)."""
+    B, S = rows.shape
+    d, hd, P = cfg.d_model, cfg.head_dim, st.shape.prompt_bucket
+    if v_resp is not None:
+        cache.v[i, :, :, P:].copy_(v_resp)
+    rows_d = rows[..., None].expand(B, S, d)
+    n = rms_norm(x.gather(1, rows_d), w.attn_norm[i], cfg.norm_eps)  # [B, S, d]
+    qk = n @ w.wqkv[i, :cfg.q_width + cfg.kv_width].t()
+    if w.bqkv is not None:
+        qk = qk + w.bqkv[i, :cfg.q_width + cfg.kv_width]
+    q, k = qk.split([cfg.q_width, cfg.kv_width], dim=-1)
+    q = q.view(B, S, cfg.n_heads, hd).transpose(1, 2)                # [B, H, S, hd]
+    k = k.view(B, S, cfg.n_kv_heads, hd).transpose(1, 2)             # [B, Hkv, S, hd]
+    rows_r = rows[:, None, :, None].expand(B, 1, S, hd)
+    cos, sin = st.cos.gather(2, rows_r), st.sin.gather(2, rows_r)    # [B, 1, S, hd] at the rows' positions
+    q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
+    cache.k[i].scatter_(2, rows[:, None, :, None].expand(B, cfg.n_kv_heads, S, hd), k)
+    if n_prompt:
+        cache.v[i, :, :, :P].copy_(_response_v(w, cfg, i, n[:, :n_prompt]))   # same V slice, prompt rows
+    a = attn_out(w, i, attention(q, cache.k[i], cache.v[i], st.key_mask))   # [B, S, d]
+    cache.a[i].scatter_(1, rows_d, a)
+    h = x + cache.a[i]
+    cache.m[i].scatter_(1, rows_d, ffn(w, cfg, i, h.gather(1, rows_d)))
+    return h + cache.m[i]
+
+
+def cached_forward(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, kind: str,
+                   budget: int) -> torch.Tensor:
+    """The forward of a dLLM-Cache step kind (budget = int(rho * G) V-verify rows) -> stream [B, L, d]."""
+    P = st.shape.prompt_bucket
+    x = F.embedding(st.tokens, w.embed)                               # [B, L, d]
+    x = _full_layer(w, cfg, 0, x, st, cache)                          # layer 0 is always fully recomputed
+    for i in range(1, cfg.n_layers):
+        if kind == "response_refresh":
+            n_resp = rms_norm(x[:, P:], w.attn_norm[i], cfg.norm_eps)
+            x = _rows_layer(w, cfg, i, x, st, cache, cache.resp_rows, 0, _response_v(w, cfg, i, n_resp))
+            continue
+        rows, v_resp = [], None
+        if kind == "prompt_refresh":
+            rows.append(cache.prompt_rows)
+        if budget > 0:                                                # V-verify
+            n_resp = rms_norm(x[:, P:], w.attn_norm[i], cfg.norm_eps)
+            v_resp = _response_v(w, cfg, i, n_resp)
+            rows.append(P + v_verify(v_resp, cache.v[i, :, :, P:], budget))
+        if rows:
+            x = _rows_layer(w, cfg, i, x, st, cache, torch.cat(rows, dim=1),
+                            P if kind == "prompt_refresh" else 0, v_resp)
+        else:                                                         # pure reuse
+            x = x + cache.a[i] + cache.m[i]
+    return x
+
+
+def cached_step(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, kind: str, budget: int) -> None:
+    commit(cfg, st, block_logits(w, cfg, st, cached_forward(w, cfg, st, cache, kind, budget)))
+
+
+def make_steps(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
+    """Zero-argument step functions by kind, bound to one request's buffers."""
+    if cache is None:
+        return {"full": lambda: full_refresh(w, cfg, st)}
+    steps = {"full": lambda: full_refresh(w, cfg, st, cache)}
+    for kind in STEP_KINDS[1:]:
+        steps[kind] = (lambda k: lambda: cached_step(w, cfg, st, cache, k, budget))(kind)
+    return steps

@@ -97,3 +97,22 @@ def test_console_script_installed():
     for flag in ("--model", "--prompt-ids", "--gen-length", "--steps", "--block-length", "--remasking", "--alg",
                  "--temperature", "--top-p", "--top-k", "--seed", "--dtype", "--device", "--chat", "--json"):
         assert flag in res.stdout
+
+
+def test_policy_flags(capsys, tiny_dirs, engines):
+    from runtime import DllmCache
+    rc, out, _ = run_cli(capsys, "--model", tiny_dirs["dream"], "--prompt-ids", "5,6,7", "--gen-length", 16,
+                         "--steps", 16, "--policy", "dllm-cache", "--kp", 5, "--kr", 3, "--rho", 0.25, "--json")
+    assert rc == 0
+    obj = json.loads(out)
+    assert obj["step_kinds"] == {"full": 2, "partial": 8, "response_refresh": 4, "prompt_refresh": 2}
+    ref = engines["dream"].generate([5, 6, 7], gen_length=16, steps=16, policy=DllmCache(5, 3, 0.25))
+    assert obj["tokens"] == ref.tokens
+
+
+@pytest.mark.parametrize("args,needle", [(["--kp", "0"], "kp must be an integer >= 1"),
+                                         (["--rho", "2"], "rho must be in [0, 1]")])
+def test_bad_policy_flags(capsys, tiny_dirs, args, needle):
+    rc, _, err = run_cli(capsys, "--model", tiny_dirs["llada"], "--prompt-ids", "5", "--gen-length", 8,
+                         "--steps", 8, "--policy", "dllm-cache", *args)
+    assert rc == 2 and needle in err

@@ -1,0 +1,208 @@
+"""dLLM-Cache: exactness where the maths says outputs are equal, the step plan, static buffers, no host syncs."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from runtime import DllmCache, NoCache, RequestError, make_policy
+from runtime.buffers import Cache, RequestShape, StepState
+from runtime.decoding import DecodeConfig
+from runtime.steps import block_logits, cached_forward, full_forward, make_steps
+
+PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+SETTINGS = {"llada": [dict(gen_length=16, steps=16, block_length=8), dict(gen_length=24, steps=12, block_length=8)],
+            "dream": [dict(gen_length=16, steps=16), dict(gen_length=12, steps=6, alg="maskgit_plus")]}
+FAMILIES = ["llada", "dream"]
+BIG = 10 ** 6     # an interval longer than any test generation
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refresh_every_step_equals_no_cache(engines, family):
+    eng = engines[family]
+    for kw in SETTINGS[family]:
+        for prompt in PROMPTS:
+            base = eng.generate(prompt, **kw)
+            for rho in (0.0, 0.25, 1.0):
+                out = eng.generate(prompt, policy=DllmCache(kp=1, kr=1, rho=rho), **kw)
+                assert out.tokens == base.tokens
+                assert out.step_kinds == {"full": kw["steps"]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rho_one_partial_equals_response_refresh(engines, family):
+    # plans [full, partial, partial, ...] with every response row recomputed vs [full, response_refresh, ...]
+    eng = engines[family]
+    for kw in SETTINGS[family]:
+        for prompt in PROMPTS:
+            part = eng.generate(prompt, policy=DllmCache(kp=BIG, kr=BIG, rho=1.0), **kw)
+            resp = eng.generate(prompt, policy=DllmCache(kp=BIG, kr=1, rho=0.0), **kw)
+            assert part.step_kinds == {"full": 1, "partial": kw["steps"] - 1}
+            assert resp.step_kinds == {"full": 1, "response_refresh": kw["steps"] - 1}
+            assert part.tokens == resp.tokens
+
+
+def _exact_state(eng, prompt, G=16, block=8):
+    """A state right after a full refresh, with the canvas and step counter as they were before it:
+    every cache entry is exactly what a full forward of this canvas computes."""
+    cfg = eng.cfg
+    dc = DecodeConfig.make(cfg.family)
+    shape = RequestShape(1, len(prompt), G, block if cfg.family == "llada" else G, G)
+    st = StepState.allocate(cfg, shape, dc, "cpu")
+    cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
+    st.fill(cfg, [prompt], seed=0)
+    steps = make_steps(eng.weights, cfg, st, cache, budget=4)
+    for _ in range(3):                        # commit a few tokens so the canvas is not all masks
+        steps["full"]()
+    with torch.inference_mode():
+        full = block_logits(eng.weights, cfg, st, full_forward(eng.weights, cfg, st, cache))
+    return st, cache, full
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind,budget", [("partial", 4), ("partial", 16), ("partial", 0), ("response_refresh", 0),
+                                         ("prompt_refresh", 4), ("prompt_refresh", 0)])
+def test_cached_step_on_exact_caches_reproduces_full_logits(engines, family, kind, budget):
+    # Tolerance 1e-4 on O(1) fp32 logits: the recomputed rows go through different matmul shapes (V
+    # slice vs fused QKV, gathered rows) than the full forward, which reassociates fp32 sums (~1e-6
+    # relative per layer); rows that are not recomputed reuse the cache bit for bit.
+    eng = engines[family]
+    for prompt in PROMPTS:
+        st, cache, full = _exact_state(eng, prompt)
+        with torch.inference_mode():
+            x = cached_forward(eng.weights, eng.cfg, st, cache, kind, budget)
+            got = block_logits(eng.weights, eng.cfg, st, x)
+        assert full.abs().max() > 1.0
+        assert (got - full).abs().max() < 1e-4
+
+
+def test_stale_caches_do_change_logits(engines):
+    # the check above can fail: after a token changes, pure reuse no longer reproduces a full step
+    eng = engines["llada"]
+    st, cache, _ = _exact_state(eng, PROMPTS[0])
+    make_steps(eng.weights, eng.cfg, st, cache)["full"]()              # commits a token, caches now one behind
+    with torch.inference_mode():
+        reuse = block_logits(eng.weights, eng.cfg, st, cached_forward(eng.weights, eng.cfg, st, cache, "partial", 0))
+        fresh = block_logits(eng.weights, eng.cfg, st, full_forward(eng.weights, eng.cfg, st))
+    assert (reuse - fresh).abs().max() > 1e-3
+
+
+def test_v_verify_picks_the_least_similar_rows():
+    from runtime.steps import v_verify
+    old = torch.randn(2, 2, 6, 4)
+    new = old.clone()
+    new[0, :, 4] = -old[0, :, 4]            # cos -1: the most changed
+    new[0, :, 1] = old[0, :, 1] + 0.5 * torch.randn(2, 4)
+    new[1, 1, 2] = torch.randn(4)           # one head of one row changed: similarity over the whole width
+    idx = v_verify(new, old, 2)
+    assert idx[0].tolist() == [4, 1]
+    assert idx[1, 0].item() == 2
+
+
+def test_plan_counts():
+    plan = DllmCache(kp=100, kr=7, rho=0.25).plan(256)
+    assert {k: plan.count(k) for k in set(plan)} == {"full": 1, "prompt_refresh": 2, "response_refresh": 36,
+                                                      "partial": 217}
+    assert plan[0] == "full" and plan[100] == plan[200] == "prompt_refresh" and plan[7] == "response_refresh"
+    assert DllmCache(kp=2, kr=3).plan(7) == ["full", "partial", "prompt_refresh", "response_refresh",
+                                            "prompt_refresh", "partial", "full"]
+    assert NoCache().plan(3) == ["full"] * 3
+
+
+def test_counter_runs_across_blocks(engines):
+    # 4 blocks of 4 steps, kr = 3: response refreshes at steps 4, 7, 10, 13 regardless of block starts
+    out = engines["llada"].generate(PROMPTS[0], gen_length=16, steps=16, block_length=4,
+                                    policy=DllmCache(kp=BIG, kr=3, rho=0.25))
+    assert out.step_kinds == {"full": 1, "response_refresh": 5, "partial": 10}
+
+
+def test_budget():
+    assert DllmCache(rho=0.25).budget(256) == 64
+    assert DllmCache(rho=0.25).budget(3) == 0          # int(0.75) == 0: pure reuse
+    assert DllmCache(rho=1.0).budget(17) == 17
+
+
+@pytest.mark.parametrize("params,msg", [(dict(kp=0), "kp must be an integer >= 1"),
+                                        (dict(kr=-2), "kr must be an integer >= 1"),
+                                        (dict(kp=2.5), "kp must be an integer"),
+                                        (dict(rho=1.5), r"rho must be in \[0, 1\]"),
+                                        (dict(rho=-0.1), r"rho must be in \[0, 1\]"),
+                                        (dict(sigma=3), "unexpected keyword")])
+def test_invalid_policy_parameters(params, msg):
+    with pytest.raises(RequestError, match=msg):
+        make_policy("dllm-cache", **params)
+
+
+def test_unknown_policy():
+    with pytest.raises(RequestError, match="unknown policy 'fast'; choose one of none, dllm-cache"):
+        make_policy("fast")
+
+
+# ---------------------------------------------------------------- static buffers, no host syncs
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any op that reads a tensor value on the host or has a data-dependent shape."""
+    BANNED = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "is_nonzero")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if any(b in name for b in self.BANNED):
+            raise AssertionError(f"host sync inside a step: {func}")
+        for a in list(args) + list((kwargs or {}).values()):
+            if isinstance(a, torch.Tensor) and a.device.type != "cpu" and "copy" in name:
+                raise AssertionError(f"device->host copy inside a step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dkw", [{}, {"temperature": 0.7}])
+def test_steps_never_sync_the_host(engines, family, dkw):
+    eng = engines[family]
+    cfg = eng.cfg
+    dc = DecodeConfig.make(cfg.family, temperature=dkw.get("temperature", 0.0))
+    shape = RequestShape(2, 8, 16, 8, 16)
+    st = StepState.allocate(cfg, shape, dc, "cpu")
+    cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
+    st.fill(cfg, PROMPTS[:2], seed=0)
+    steps = make_steps(eng.weights, cfg, st, cache, budget=4)
+    # the sanity check of the checker: .item() is caught
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        st.step.item()
+    with torch.inference_mode(), NoHostSync():
+        for kind in ["full", "partial", "response_refresh", "prompt_refresh", "partial"]:
+            steps[kind]()
+
+
+def test_nothing_is_allocated_across_100_steps(engines):
+    eng = engines["llada"]
+    kw = dict(gen_length=128, steps=128, block_length=32)
+    policy = DllmCache(kp=50, kr=7, rho=0.25)
+    eng.generate(PROMPTS[0], policy=policy, **kw)                      # warm-up: allocates state and cache
+    shape = RequestShape(1, len(PROMPTS[0]), 128, 32, 128)
+    st = eng.state_for(shape, DecodeConfig.make("llada"))
+    cache = eng.cache_for(shape)
+    before = {n: (t.data_ptr(), t.shape) for n, t in {**cache.tensors(), "tokens": st.tokens}.items()}
+    steps = make_steps(eng.weights, eng.cfg, st, cache, policy.budget(128))
+    plan = policy.plan(128)
+    with torch.inference_mode():
+        st.fill(eng.cfg, [PROMPTS[0]], seed=0)
+        steps["full"]()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for kind in plan[1:101]:                                   # 100 steps of every cached kind
+                steps[kind]()
+    retained = sum(e.self_cpu_memory_usage for e in prof.events())
+    assert retained == 0, f"{retained} bytes still allocated after 100 steps"
+    assert {n: (t.data_ptr(), t.shape) for n, t in {**cache.tensors(), "tokens": st.tokens}.items()} == before
+    assert set(plan[1:101]) == {"partial", "response_refresh", "prompt_refresh"}
+
+
+@pytest.mark.cuda
+def test_cuda_memory_flat_across_100_steps(tiny_dirs):
+    from runtime import Engine
+    eng = Engine.from_pretrained(tiny_dirs["llada"], device="cuda")
+    kw = dict(gen_length=128, steps=128, block_length=32, policy=DllmCache(kp=50, kr=7, rho=0.25))
+    eng.generate(PROMPTS[0], **kw)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    eng.generate(PROMPTS[0], **kw)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
