@@ -30,6 +30,13 @@ def parse_policy(spec: str):
     return spec, make_policy(name, **params)
 
 
+def random_prompt(cfg, n: int, seed: int = 0) -> list[int]:
+    """n random ids that are not special (mask, eos/pad); latency does not depend on their values."""
+    g = torch.Generator().manual_seed(seed)
+    specials = {cfg.mask_id, cfg.eos_id, cfg.pad_id}
+    return [t for t in torch.randint(8, cfg.vocab_size, (n * 2,), generator=g).tolist() if t not in specials][:n]
+
+
 def measure(eng: Engine, prompt: list[int], policy, repeats: int, **kw):
     eng.generate(prompt, policy=policy, **kw)                       # warm-up (allocation, first-touch)
     runs = [eng.generate(prompt, policy=policy, **kw) for _ in range(repeats)]
@@ -56,10 +63,7 @@ def main(argv=None) -> None:
         folder = write_tiny(Path(tmp) / a.preset, a.family, a.preset, tokenizer=False)
         eng = Engine.from_pretrained(folder)
     cfg = eng.cfg
-    g = torch.Generator().manual_seed(0)
-    specials = {cfg.mask_id, cfg.eos_id, cfg.pad_id}
-    prompt = [t for t in torch.randint(8, cfg.vocab_size, (a.prompt_len * 2,), generator=g).tolist()
-              if t not in specials][: a.prompt_len]
+    prompt = random_prompt(cfg, a.prompt_len)
     kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length or a.gen_length)
 
     dev = "cpu" if eng.device.type == "cpu" else torch.cuda.get_device_name()

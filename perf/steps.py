@@ -21,6 +21,8 @@ from runtime.buffers import RequestShape
 from runtime.decoding import DecodeConfig
 from runtime.steps import make_steps
 
+from .e2e import random_prompt
+
 
 def time_kind(fn, st, iters: int, sync) -> float:
     times = []
@@ -52,8 +54,7 @@ def main(argv=None) -> None:
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
     st = eng.state_for(shape, DecodeConfig.make(cfg.family))
     cache = eng.cache_for(shape)
-    prompt = torch.randint(8, cfg.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    prompt = [t if t != cfg.mask_id else t + 1 for t in prompt]
+    prompt = random_prompt(cfg, a.prompt_len)
     budget = DllmCache(rho=a.rho).budget(a.gen_length)
     steps = make_steps(eng.weights, cfg, st, cache, budget)
     sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)

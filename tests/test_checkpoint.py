@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import CheckpointError, load_checkpoint
+from models import CheckpointError, load_checkpoint, load_config
 from models.layers import forward
 from models.tiny import write_tiny
 
@@ -60,7 +60,6 @@ def test_ids_come_from_the_config(tmp_path):
     raw = json.loads((d / "config.json").read_text())
     del raw["mask_token_id"]
     (d / "config.json").write_text(json.dumps(raw))
-    from models.config import load_config
     assert load_config(d).mask_id == 126336                          # the DESIGN.md §2 fallback
 
 
