@@ -116,3 +116,18 @@ def test_bad_policy_flags(capsys, tiny_dirs, args, needle):
     rc, _, err = run_cli(capsys, "--model", tiny_dirs["llada"], "--prompt-ids", "5", "--gen-length", 8,
                          "--steps", 8, "--policy", "dllm-cache", *args)
     assert rc == 2 and needle in err
+
+
+def test_cuda_requested_without_a_device(capsys, tiny_dirs):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal only applies without one")
+    rc, _, err = run_cli(capsys, "--model", tiny_dirs["llada"], "--prompt-ids", "5", "--gen-length", 8,
+                         "--steps", 8, "--device", "cuda")
+    assert rc == 2 and "sees no CUDA device" in err and "--device cpu" in err
+
+
+def test_half_precision_flag(capsys, tiny_dirs):
+    rc, out, _ = run_cli(capsys, "--model", tiny_dirs["dream"], "--prompt-ids", "5,6", "--gen-length", 8,
+                         "--steps", 8, "--dtype", "bfloat16", "--json")
+    assert rc == 0 and len(json.loads(out)["tokens"][0]) == 8
