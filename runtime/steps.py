@@ -32,7 +32,6 @@ def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor) -> None:
     # precomputed schedule does not count (the references allow it; on the real checkpoints it never
     # changes an output, reference/exact_semantics.md).
     logits[..., cfg.mask_id] = float("-inf")
-    st.draw_noise()
     x0, conf = choose(st.dc, logits, st.noise, st.unif)               # [B, Bl] each
     cur = st.tokens.index_select(1, pos)                              # [B, Bl]
     is_mask = cur == cfg.mask_id
@@ -166,11 +165,23 @@ def cached_step(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, kind:
     commit(cfg, st, block_logits(w, cfg, st, cached_forward(w, cfg, st, cache, kind, budget)))
 
 
-def make_steps(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
-    """Zero-argument step functions by kind, bound to one request's buffers."""
+def step_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
+    """Zero-argument step bodies by kind, bound to one request's buffers: pure tensor code that reads the
+    step's random numbers from st.noise / st.unif (refilled before each step) and compiles with
+    fullgraph=True (a torch.Generator inside the body would break the graph)."""
     if cache is None:
         return {"full": lambda: full_refresh(w, cfg, st)}
-    steps = {"full": lambda: full_refresh(w, cfg, st, cache)}
+    bodies = {"full": lambda: full_refresh(w, cfg, st, cache)}
     for kind in STEP_KINDS[1:]:
-        steps[kind] = (lambda k: lambda: cached_step(w, cfg, st, cache, k, budget))(kind)
-    return steps
+        bodies[kind] = (lambda k: lambda: cached_step(w, cfg, st, cache, k, budget))(kind)
+    return bodies
+
+
+def make_steps(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
+    """Runnable steps by kind: refill this step's random numbers in place, then run the body."""
+    def with_noise(body):
+        def step():
+            st.draw_noise()
+            body()
+        return step
+    return {k: with_noise(b) for k, b in step_bodies(w, cfg, st, cache, budget).items()}

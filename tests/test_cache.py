@@ -232,3 +232,31 @@ def test_half_precision_runs_every_kind(tiny_dirs, family, dtype):
     # low precision changes some choices, but on O(1) logits most survive
     assert sum(a == b for a, b in zip(eng.generate(PROMPTS[0], gen_length=16, steps=16).tokens[0],
                                       full32.tokens[0])) >= 8
+
+
+def test_step_bodies_compile_as_one_graph(engines):
+    # The design promise behind graph capture: a step body (here the V-verify partial step of Dream,
+    # with top-p sampling) traces with fullgraph=True, i.e. no graph break and no host sync, and the
+    # compiled body updates canvas and caches like the eager one (tolerance 1e-4: Inductor fuses and
+    # reorders fp32 reductions).
+    from runtime.steps import step_bodies
+    eng = engines["dream"]
+    cfg = eng.cfg
+    dc = DecodeConfig.make("dream", temperature=0.7, top_p=0.9)
+    shape = RequestShape(2, 11, 16, 16, 16)
+    runs = []
+    for compiled in (False, True):
+        st = StepState.allocate(cfg, shape, dc, "cpu")
+        cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
+        st.fill(cfg, PROMPTS[1:], seed=3)
+        bodies = step_bodies(eng.weights, cfg, st, cache, budget=4)
+        partial = torch.compile(bodies["partial"], fullgraph=True, dynamic=False) if compiled else bodies["partial"]
+        with torch.inference_mode():
+            for body in (bodies["full"], partial, partial):
+                st.draw_noise()
+                body()
+        runs.append((st, cache))
+    (a, ca), (b, cb) = runs
+    assert torch.equal(a.tokens, b.tokens) and a.step.item() == b.step.item() == 3
+    for name, t in ca.tensors().items():
+        assert (t - cb.tensors()[name]).abs().max() < 1e-4, name
