@@ -27,10 +27,10 @@ def main() -> None:
         print("$ dllm " + " ".join(cmd[1:]).replace(str(ROOT) + "/", ""))
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(f"   tokens {res['tokens'][0][:12]}...  steps {res['steps']}  kinds {res['step_kinds']}  "
-              f"{res['seconds']:.3f} s")
+              f"{res['seconds']:.3f} s  backend {res['backend']} (compiled in {res['capture_seconds']:.1f} s)")
 
     print("== Python API")
-    eng = Engine.from_pretrained(out / "tiny-llada")
+    eng = Engine.from_pretrained(out / "tiny-llada", backend="eager")
     a = eng.generate([5, 6, 7, 8], gen_length=16, steps=16, block_length=8)
     b = eng.generate([5, 6, 7, 8], gen_length=16, steps=16, block_length=8, prompt_bucket=12)
     print(f"   ids {a.tokens[0]}\n   same tokens in prompt bucket 4 and 12: {a.tokens == b.tokens}")

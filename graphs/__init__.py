@@ -1,1 +1,4 @@
-"""How a step function is executed (eager today; compile and CUDA-graph backends follow, DESIGN.md §6)."""
+"""How a step function is executed: eager, torch.compile, CUDA graphs (DESIGN.md §6)."""
+from .backends import BACKENDS, BackendError, available, default_backend
+
+__all__ = ["BACKENDS", "BackendError", "available", "default_backend"]

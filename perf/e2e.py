@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", nargs="+", default=["none"],
                     help="first is the baseline; e.g. none dllm-cache:kp=100,kr=7,rho=0.25")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backend", default="eager", help="eager | compile | cudagraph | compile+cudagraph")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny(Path(tmp) / a.preset, a.family, a.preset, tokenizer=False)
-        eng = Engine.from_pretrained(folder)
+        eng = Engine.from_pretrained(folder, backend=a.backend, device=a.device)
     cfg = eng.cfg
     prompt = random_prompt(cfg, a.prompt_len)
     kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length or a.gen_length)
@@ -69,7 +71,7 @@ def main(argv=None) -> None:
     dev = "cpu" if eng.device.type == "cpu" else torch.cuda.get_device_name()
     print(f"# {a.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
           f"P={a.prompt_len} G={a.gen_length} steps={a.steps} block={kw['block_length']} "
-          f"device={dev} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
+          f"device={dev} backend={eng.backend} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
     print(f"{'policy':<36} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7}  step kinds")
     base_s = base_tokens = None
     for spec in a.policies:

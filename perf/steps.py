@@ -1,9 +1,13 @@
-"""Per-step latency of each step kind (eager), one run, one machine.
+"""Per-step latency of each step kind under each backend, one run, one machine.
 
     python -m perf.steps --preset small --family llada --prompt-len 512 --gen-length 128 --rho 0.25
 
-Times each step kind on the same buffers (median of --iters, after warm-up) and prints its ratio to
-the full step. The end-to-end speedup of a plan is bounded by these ratios and the plan's mix of kinds.
+For every backend available on the device (eager and compile on CPU; also cudagraph and
+compile+cudagraph on CUDA) it prepares the step kinds of a DllmCache request on shared weights, times
+each kind (median of --iters after warm-up; on CUDA every timed call synchronises) and prints the
+latency, the ratio of each kind to the full step, and each backend's speedup over eager. Preparation
+(compile / capture) is reported, never timed as a step. --weights-on-device builds random weights
+directly on the device (the GPU presets; latency does not depend on weight values).
 """
 from __future__ import annotations
 
@@ -15,22 +19,24 @@ from pathlib import Path
 
 import torch
 
+from graphs import available
 from models.tiny import PRESETS, write_tiny
 from runtime import DllmCache, Engine
 from runtime.buffers import RequestShape
 from runtime.decoding import DecodeConfig
-from runtime.steps import make_steps
 
 from .e2e import random_prompt
 
+KINDS = ("full", "response_refresh", "partial", "prompt_refresh")
 
-def time_kind(fn, st, iters: int, sync) -> float:
+
+def time_kind(run, st, iters: int, sync) -> float:
     times = []
     for _ in range(iters):
         st.step.zero_()                      # stay inside the schedule; tokens already committed stay put
         sync()
         t0 = time.perf_counter()
-        fn()
+        run()
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -45,30 +51,48 @@ def main(argv=None) -> None:
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--rho", type=float, default=0.25)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--backends", nargs="*", default=None, help="default: every backend available on the device")
     a = ap.parse_args(argv)
 
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        eng = Engine.from_pretrained(write_tiny(Path(tmp) / "m", a.family, a.preset, tokenizer=False))
-    cfg = eng.cfg
+        base = Engine.from_pretrained(write_tiny(Path(tmp) / "m", a.family, a.preset, tokenizer=False),
+                                      device=device, dtype=dtype, backend="eager")
+    cfg, weights = base.cfg, base.weights
     block = a.block_length if cfg.family == "llada" else a.gen_length
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
-    st = eng.state_for(shape, DecodeConfig.make(cfg.family))
-    cache = eng.cache_for(shape)
+    dc = DecodeConfig.make(cfg.family)
+    policy = DllmCache(rho=a.rho)
     prompt = random_prompt(cfg, a.prompt_len)
-    budget = DllmCache(rho=a.rho).budget(a.gen_length)
-    steps = make_steps(eng.weights, cfg, st, cache, budget)
-    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    names = a.backends or available(device)
     print(f"# {cfg.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}) P={a.prompt_len} "
-          f"G={a.gen_length} block={block} rho={a.rho} (budget {budget} rows) device={eng.device.type} "
-          f"threads={torch.get_num_threads()} median of {a.iters}")
-    with torch.inference_mode():
-        st.fill(cfg, [prompt], seed=0)
-        for fn in steps.values():            # warm-up
-            fn()
-        res = {k: time_kind(fn, st, a.iters, sync) for k, fn in steps.items()}
-    print(f"{'step kind':<18} {'ms':>9} {'vs full':>8}")
-    for k, s in res.items():
-        print(f"{k:<18} {s * 1e3:>9.2f} {res['full'] / s:>7.2f}x")
+          f"G={a.gen_length} block={block} rho={a.rho} (budget {policy.budget(a.gen_length)} rows) "
+          f"device={device.type} dtype={a.dtype} threads={torch.get_num_threads()} median of {a.iters}")
+    res, prep = {}, {}
+    for name in names:
+        eng = Engine(cfg, weights, device=device, dtype=dtype, backend=name)
+        runners, prep[name] = eng.prepare_steps(shape, dc, policy, list(KINDS))
+        st = eng.state_for(shape, dc)
+        with torch.inference_mode():
+            st.fill(cfg, [prompt], seed=0)
+            for k in KINDS:                  # warm-up (the full step first writes every cache)
+                runners[k]()
+            res[name] = {k: time_kind(runners[k], st, a.iters, sync) for k in KINDS}
+        del eng
+    print(f"{'step kind':<18}" + "".join(f"{n + ' ms (full/kind)':>32}" for n in names))
+    for k in KINDS:
+        cells = [f"{res[n][k] * 1e3:.2f} ({res[n]['full'] / res[n][k]:.2f}x)" for n in names]
+        print(f"{k:<18}" + "".join(f"{c:>32}" for c in cells))
+    if "eager" in res:
+        for n in names:
+            if n != "eager":
+                ratios = "  ".join(f"{k} {res['eager'][k] / res[n][k]:.2f}x" for k in KINDS)
+                print(f"speedup of {n} over eager: {ratios}")
+    print("preparation (compile / capture) seconds: " + ", ".join(f"{n} {prep[n]:.1f}" for n in names))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
                   --block-length N [--remasking ...] [--alg ...] [--temperature F] [--top-p F] [--top-k N]
                   [--seed N] [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--chat] [--json]
                   [--policy none|dllm-cache --kp N --kr N --rho F]
+                  [--backend eager|compile|cudagraph|compile+cudagraph]
 
 With --json, stdout carries exactly one JSON object; errors go to stderr with exit status 2.
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 
+from graphs import BACKENDS, BackendError
 from models.config import CheckpointError
 
 from .decoding import DREAM_ALGS, LLADA_REMASKING, RequestError
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kr", type=int, default=7, help="dllm-cache: refresh the response every kr steps")
     g.add_argument("--rho", type=float, default=0.25, help="dllm-cache: fraction of the response recomputed "
                                                             "by V-verify in between")
+    g.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="how steps run (default: the fastest on the device for cached plans: eager on "
+                        "CPU, compile+cudagraph on CUDA)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return ap
 
@@ -71,7 +76,8 @@ def cmd_generate(a) -> int:
     if a.chat and a.prompt is None:
         raise RequestError("--chat applies a chat template to --prompt text; it cannot wrap --prompt-ids")
     policy = make_policy(a.policy, **({"kp": a.kp, "kr": a.kr, "rho": a.rho} if a.policy == "dllm-cache" else {}))
-    eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+    eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
+                                 backend=a.backend)
     out = eng.generate(a.prompt if a.prompt is not None else a.prompt_ids, gen_length=a.gen_length,
                        steps=a.steps, block_length=a.block_length, remasking=a.remasking, alg=a.alg,
                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
@@ -83,7 +89,8 @@ def cmd_generate(a) -> int:
         print(out.text[b] if out.text is not None else ",".join(map(str, ids)))
     kinds = ", ".join(f"{k} {n}" for k, n in out.step_kinds.items())
     print(f"[{eng.cfg.family}: {sum(map(len, out.tokens))} tokens, {out.steps} steps ({kinds}), "
-          f"{out.seconds:.3f} s, {out.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+          f"{out.seconds:.3f} s, {out.tokens_per_second:.1f} tok/s, backend {out.backend}, "
+          f"capture {out.capture_seconds:.1f} s]", file=sys.stderr)
     return 0
 
 
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return cmd_generate(a)
-    except (CheckpointError, RequestError) as e:
+    except (CheckpointError, RequestError, BackendError) as e:
         print(f"dllm: error: {e}", file=sys.stderr)
         return 2
 

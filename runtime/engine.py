@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
+from graphs import backends
+from graphs.capture import GraphPool
 from models.checkpoint import Weights, load_weights
 from models.config import CheckpointError, ModelConfig, load_config
 
 from . import scheduler
 from .buffers import Cache, RequestShape, StepState
-from .decoding import DecodeConfig, RequestError
+from .decoding import DecodeConfig, RequestError, check_shape
 from .policies import NoCache
-from .steps import make_steps
+from .steps import step_bodies
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +36,9 @@ class Generation:
     text: list[str] | None           # decoded responses when the folder has a tokenizer
     steps: int
     step_kinds: dict[str, int]
-    seconds: float                   # end to end: load request, all steps, read back
+    seconds: float                   # end to end: load request, all steps, read back (capture excluded)
+    backend: str = "eager"
+    capture_seconds: float = 0.0     # compile/capture this request triggered (0 when already captured)
     prompt_tokens: list[int] = field(default_factory=list)
 
     @property
@@ -43,7 +47,23 @@ class Generation:
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "text": self.text, "steps": self.steps,
-                "step_kinds": dict(self.step_kinds), "seconds": self.seconds}
+                "step_kinds": dict(self.step_kinds), "seconds": self.seconds, "backend": self.backend,
+                "capture_seconds": self.capture_seconds}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A request shape the engine prepares ahead: prompts up to `prompt` tokens (left-padded to it),
+    `gen_length` response tokens in `steps` steps of blocks of `block_length` (default gen_length)."""
+    prompt: int
+    gen_length: int
+    steps: int
+    block_length: int | None = None
+    batch: int = 1
+
+    def shape(self) -> RequestShape:
+        return RequestShape(self.batch, self.prompt, self.gen_length, self.block_length or self.gen_length,
+                            self.steps)
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
@@ -76,16 +96,33 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 
 class Engine:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, folder: Path | None = None,
-                 device="cpu", dtype=torch.float32, trust_remote_code: bool = False):
+                 device="cpu", dtype=torch.float32, trust_remote_code: bool = False, backend: str | None = None,
+                 buckets=None, policies=None, decoding: dict | None = None, capture_on_demand: bool | None = None):
+        """backend: eager | compile | cudagraph | compile+cudagraph (default: the fastest on the device).
+        buckets: Bucket list prepared (compiled / captured) now, for each policy in `policies` (default
+        NoCache) and the `decoding` options (default greedy); `capture_seconds` reports the time.
+        capture_on_demand: prepare unseen shapes at request time (default: only when no buckets given);
+        when False, a request that fits no prepared bucket is refused."""
         self.cfg, self.weights = cfg, weights
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.trust_remote_code = trust_remote_code
+        self.backend = backends.check(backend or backends.default_backend(self.device), self.device)
+        self.capture_on_demand = buckets is None if capture_on_demand is None else capture_on_demand
         self._tokenizer = None
         self._states: dict[tuple, StepState] = {}     # one preallocated state per request shape
         self._caches: dict[RequestShape, Cache] = {}  # one cache per request shape, for caching policies
+        self._runners: dict[tuple, dict] = {}          # (shape, decoding, budget, cached) -> steps by kind
+        self._pool = GraphPool(self.device) if "cudagraph" in self.backend else None
+        self.buckets: list[Bucket] = []
+        self.capture_seconds = 0.0
+        for b in buckets or []:
+            for pol in policies or [NoCache()]:
+                self.capture_seconds += self.capture(b, pol, **(decoding or {}))
 
     @classmethod
-    def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False):
+    def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
+                        **engine_options):
+        """Load a checkpoint folder; engine_options are Engine's (backend, buckets, policies, ...)."""
         folder = Path(folder)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -96,7 +133,8 @@ class Engine:
             raise RequestError("device cuda requested but this torch build sees no CUDA device; use --device cpu")
         cfg = load_config(folder)
         weights = load_weights(folder, cfg, dtype=dtype, device=device)
-        return cls(cfg, weights, folder=folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(cfg, weights, folder=folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                   **engine_options)
 
     # ------------------------------------------------------------------ prompts
 
@@ -163,6 +201,79 @@ class Engine:
             self._caches[shape] = Cache.allocate(self.cfg, shape, self.device, self.dtype)
         return self._caches[shape]
 
+    def prepare_steps(self, shape: RequestShape, dc: DecodeConfig, policy, kinds) -> tuple[dict, float]:
+        """Runnable steps of the given kinds for this shape, preparing (compiling / capturing) the
+        missing ones; returns (steps by kind, seconds spent preparing now)."""
+        budget = policy.budget(shape.gen_length)
+        key = (shape, dc, budget, policy.uses_cache)
+        have = self._runners.setdefault(key, {})
+        missing = [k for k in kinds if k not in have]
+        if not missing:
+            return have, 0.0
+        st = self.state_for(shape, dc)
+        cache = self.cache_for(shape) if policy.uses_cache else None
+        bodies = step_bodies(self.weights, self.cfg, st, cache, budget)
+        # warm-up needs a sane canvas; generate() refills it with the real request afterwards
+        st.fill(self.cfg, [[self.cfg.pad_id] * shape.prompt_bucket] * shape.batch, seed=0)
+
+        def reset():
+            st.step.zero_()
+            st.draw_noise()
+        with torch.inference_mode():
+            new, seconds = backends.prepare(self.backend, {k: bodies[k] for k in missing}, reset, self._pool)
+        have.update(new)
+        return have, seconds
+
+    def capture(self, bucket: Bucket, policy=None, **decoding) -> float:
+        """Prepare every step kind of `policy` for a bucket now; returns the seconds it took."""
+        policy = policy or NoCache()
+        shape = bucket.shape()
+        self._check_shape(shape)
+        unknown = set(decoding) - {"remasking", "alg", "temperature", "top_p", "top_k"}
+        if unknown:
+            raise RequestError(f"unknown decoding options {sorted(unknown)}; use remasking, alg, temperature, "
+                               f"top_p, top_k")
+        dc = DecodeConfig.make(self.cfg.family, **decoding)
+        kinds = ["full", "prompt_refresh", "response_refresh", "partial"] if policy.uses_cache else ["full"]
+        _, seconds = self.prepare_steps(shape, dc, policy, kinds)
+        if bucket not in self.buckets:
+            self.buckets.append(bucket)
+        return seconds
+
+    def _check_shape(self, shape: RequestShape) -> None:
+        check_shape(shape.gen_length, shape.block_length, shape.steps)
+        if self.cfg.max_seq_len and shape.length > self.cfg.max_seq_len:
+            raise RequestError(f"prompt bucket {shape.prompt_bucket} + gen_length {shape.gen_length} exceeds the "
+                               f"model's maximum sequence length {self.cfg.max_seq_len}; shorten the prompt or "
+                               f"the response")
+
+    def _pick_shape(self, prompts, gen_length, steps, block_length, prompt_bucket, dc, policy) -> RequestShape:
+        longest = max(len(p) for p in prompts)
+        block = block_length or gen_length
+        if prompt_bucket is not None and longest > prompt_bucket:
+            raise RequestError(f"prompt has {longest} tokens but the prompt bucket holds {prompt_bucket}; "
+                               f"use a bucket of at least {longest} or shorten the prompt")
+        # the smallest prepared bucket that fits, if any
+        fits = [b for b in self.buckets if b.batch == len(prompts) and b.gen_length == gen_length
+                and b.steps == steps and (b.block_length or b.gen_length) == block and b.prompt >= longest
+                and prompt_bucket in (None, b.prompt)]
+        for b in sorted(fits, key=lambda b: b.prompt):
+            shape = b.shape()
+            key = (shape, dc, policy.budget(gen_length), policy.uses_cache)
+            if key in self._runners or self.capture_on_demand:
+                return shape
+        shape = RequestShape(len(prompts), prompt_bucket or longest, gen_length, block, steps)
+        self._check_shape(shape)
+        if not self.capture_on_demand:
+            have = ", ".join(f"(prompt<={b.prompt}, gen {b.gen_length}, steps {b.steps}, block "
+                             f"{b.block_length or b.gen_length}, batch {b.batch})" for b in self.buckets) or "none"
+            raise RequestError(
+                f"no prepared bucket fits this request (batch {len(prompts)}, prompt {longest} tokens, gen "
+                f"{gen_length}, steps {steps}, block {block}, policy {policy.name}, {dc}); prepared buckets: "
+                f"{have}. Add a bucket for it (Engine(buckets=[Bucket(...)], policies=[...], decoding={{...}})) "
+                f"or allow on-demand capture (capture_on_demand=True)")
+        return shape
+
     def generate(self, prompt, *, gen_length: int, steps: int, block_length: int | None = None,
                  remasking: str | None = None, alg: str | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0, chat: bool = False,
@@ -171,30 +282,29 @@ class Engine:
         policy = policy or NoCache()
         dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k)
         prompts = self._prompt_ids(prompt, chat)
-        longest = max(len(p) for p in prompts)
-        bucket = longest if prompt_bucket is None else prompt_bucket
-        if longest > bucket:
-            raise RequestError(f"prompt has {longest} tokens but the prompt bucket holds {bucket}; "
-                               f"use a bucket of at least {longest} or shorten the prompt")
-        if cfg.max_seq_len and bucket + gen_length > cfg.max_seq_len:
-            raise RequestError(f"prompt bucket {bucket} + gen_length {gen_length} exceeds the model's maximum "
-                               f"sequence length {cfg.max_seq_len}; shorten the prompt or the response")
-        shape = RequestShape(len(prompts), bucket, gen_length, block_length or gen_length, steps)
-        st = self.state_for(shape, dc)
-        cache = self.cache_for(shape) if policy.uses_cache else None
-        step_fns = make_steps(self.weights, cfg, st, cache, policy.budget(gen_length))
+        shape = self._pick_shape(prompts, gen_length, steps, block_length, prompt_bucket, dc, policy)
         plan = policy.plan(steps)
+        runners, capture_seconds = self.prepare_steps(shape, dc, policy, sorted(set(plan)))
+        st = self.state_for(shape, dc)
+
+        def with_noise(run):
+            def step():
+                st.draw_noise()                  # one in-place refill, outside any graph
+                run()
+            return step
+        step_fns = {k: with_noise(runners[k]) for k in set(plan)}
 
         with torch.inference_mode():
             self._sync()
             t0 = time.perf_counter()
             st.fill(cfg, prompts, seed)
             kinds = scheduler.run(plan, step_fns)
-            out = st.tokens[:, bucket:].cpu().tolist()
+            out = st.tokens[:, shape.prompt_bucket:].cpu().tolist()
             t1 = time.perf_counter()
         tok = self._tokenizer_if_usable()
         text = None if tok is None else [tok.decode(ids, skip_special_tokens=True) for ids in out]
         return Generation(tokens=out, text=text, steps=steps, step_kinds=dict(kinds), seconds=t1 - t0,
+                          backend=self.backend, capture_seconds=capture_seconds,
                           prompt_tokens=[len(p) for p in prompts])
 
     def _sync(self) -> None:

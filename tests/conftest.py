@@ -16,7 +16,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engines(tiny_dirs):
     from runtime import Engine
-    return {f: Engine.from_pretrained(d) for f, d in tiny_dirs.items()}
+    return {f: Engine.from_pretrained(d, backend="eager") for f, d in tiny_dirs.items()}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -198,7 +198,7 @@ def test_nothing_is_allocated_across_100_steps(engines):
 @pytest.mark.cuda
 def test_cuda_memory_flat_across_100_steps(tiny_dirs):
     from runtime import Engine
-    eng = Engine.from_pretrained(tiny_dirs["llada"], device="cuda")
+    eng = Engine.from_pretrained(tiny_dirs["llada"], device="cuda", backend="cudagraph")
     kw = dict(gen_length=128, steps=128, block_length=32, policy=DllmCache(kp=50, kr=7, rho=0.25))
     eng.generate(PROMPTS[0], **kw)
     torch.cuda.synchronize()
@@ -223,12 +223,12 @@ def test_cached_padded_batch_equals_single_runs(engines, family):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_every_kind(tiny_dirs, family, dtype):
     from runtime import Engine
-    eng = Engine.from_pretrained(tiny_dirs[family], dtype=dtype)
+    eng = Engine.from_pretrained(tiny_dirs[family], dtype=dtype, backend="eager")
     assert eng.weights.wqkv.dtype == dtype
     out = eng.generate(PROMPTS[0], gen_length=16, steps=16, policy=DllmCache(kp=5, kr=3, rho=0.25))
     assert set(out.step_kinds) == {"full", "partial", "response_refresh", "prompt_refresh"}
     assert eng.cfg.mask_id not in out.tokens[0]
-    full32 = Engine.from_pretrained(tiny_dirs[family]).generate(PROMPTS[0], gen_length=16, steps=16)
+    full32 = Engine.from_pretrained(tiny_dirs[family], backend="eager").generate(PROMPTS[0], gen_length=16, steps=16)
     # low precision changes some choices, but on O(1) logits most survive
     assert sum(a == b for a, b in zip(eng.generate(PROMPTS[0], gen_length=16, steps=16).tokens[0],
                                       full32.tokens[0])) >= 8

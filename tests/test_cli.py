@@ -10,7 +10,10 @@ from runtime.cli import main
 
 
 def run_cli(capsys, *args):
-    rc = main(["generate", *map(str, args)])
+    args = list(map(str, args))
+    if "--backend" not in args:       # compile costs seconds per step kind; the contract is backend-agnostic
+        args += ["--backend", "eager"]
+    rc = main(["generate", *args])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -20,7 +23,8 @@ def test_json_contract(capsys, tiny_dirs, engines):
                          "--steps", 8, "--block-length", 8, "--json")
     assert rc == 0
     obj = json.loads(out)                                   # exactly one JSON object on stdout
-    assert set(obj) == {"tokens", "text", "steps", "step_kinds", "seconds"}
+    assert set(obj) == {"tokens", "text", "steps", "step_kinds", "seconds", "backend", "capture_seconds"}
+    assert obj["backend"] == "eager" and obj["capture_seconds"] == 0.0
     assert len(obj["tokens"]) == 1 and len(obj["tokens"][0]) == 16
     assert obj["steps"] == 8 and obj["step_kinds"] == {"full": 8} and obj["seconds"] > 0
     assert obj["tokens"] == engines["llada"].generate([5, 6, 7], gen_length=16, steps=8, block_length=8).tokens

@@ -1,0 +1,92 @@
+"""How a step function is executed: eager | compile | cudagraph | compile+cudagraph (DESIGN.md §6).
+
+A backend takes the step bodies of one request shape (zero-argument functions that update
+preallocated buffers in place, runtime.steps.step_bodies) and returns runnable steps of the same
+kinds. The scheduler replays them without knowing which backend it drives.
+
+- eager:             the bodies as they are.
+- compile:           torch.compile(fullgraph=True, dynamic=False): one graph per kind, no graph
+                     breaks (a break raises). Faster full steps on CPU, slower partial ones (see
+                     default_backend).
+- cudagraph:         each body captured once as a torch.cuda.CUDAGraph (graphs/capture.py).
+- compile+cudagraph: the body compiled by Inductor with mode="max-autotune-no-cudagraphs", captured
+                     inside our own CUDAGraph (SGLang's pattern: Inductor kernels, one graph launch,
+                     none of reduce-overhead's per-call guard and cudagraph-tree checks).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .capture import GraphPool, capture
+
+BACKENDS = ("eager", "compile", "cudagraph", "compile+cudagraph")
+# Largest first: capture order lets later (smaller) graphs reuse the pool's blocks.
+KIND_ORDER = ("full", "prompt_refresh", "response_refresh", "partial")
+
+
+class BackendError(ValueError):
+    """A backend that cannot run on this device or configuration."""
+
+
+def available(device: torch.device) -> list[str]:
+    return list(BACKENDS) if device.type == "cuda" else ["eager", "compile"]
+
+
+def default_backend(device: torch.device) -> str:
+    """The fastest backend on the device for cached plans (python -m perf.steps measures them).
+
+    On CPU that is eager: Inductor speeds up full steps (1.2-1.3x on the small preset) but its fused
+    scatter kernels make partial steps slower (0.8-0.9x), and a cached plan is mostly partial steps;
+    it also costs ~100 s of compilation per shape. On CUDA, one graph launch per step removes the
+    hundreds of kernel launches that dominate a partial step."""
+    return "compile+cudagraph" if device.type == "cuda" else "eager"
+
+
+def check(name: str, device: torch.device) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in available(device):
+        raise BackendError(f"backend {name} needs a CUDA device (this engine runs on {device.type}); "
+                           f"use one of {', '.join(available(device))}")
+    return name
+
+
+def _compiled(body: Callable, mode: str | None) -> Callable:
+    fn = torch.compile(body, fullgraph=True, dynamic=False, mode=mode)
+
+    def run():
+        fn()
+    return run
+
+
+def prepare(name: str, bodies: dict[str, Callable[[], None]], reset: Callable[[], None],
+            pool: GraphPool | None = None) -> tuple[dict[str, Callable[[], None]], float]:
+    """Compile / capture the bodies for a backend; returns (runnable steps by kind, seconds spent).
+
+    Warm-up and capture run the steps on the live buffers, so the caller refills the state before
+    the next generation (Engine.generate always does)."""
+    kinds = sorted(bodies, key=KIND_ORDER.index)
+    if name == "eager":
+        return dict(bodies), 0.0
+    t0 = time.perf_counter()
+    fns = bodies
+    if name in ("compile", "compile+cudagraph"):
+        mode = "max-autotune-no-cudagraphs" if name == "compile+cudagraph" else None
+        fns = {k: _compiled(bodies[k], mode) for k in kinds}
+        # Dynamo keeps compiled code per code object, shared by every engine state of a step kind;
+        # a serving engine holds many (bucket x policy) states, so lift the recompile limit for
+        # these compiles only (a scoped patch, not a global setting).
+        with torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=1 << 16):
+            for k in kinds:                   # first call compiles
+                reset()
+                fns[k]()
+    if name in ("cudagraph", "compile+cudagraph"):
+        if pool is None:
+            raise BackendError(f"backend {name} needs the engine's graph pool")
+        fns = capture({k: fns[k] for k in kinds}, reset, pool)
+    else:
+        fns = {k: fns[k] for k in kinds}
+    return fns, time.perf_counter() - t0
