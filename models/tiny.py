@@ -36,6 +36,13 @@ PRESETS = {
     "tiny": Preset(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden=160, vocab_size=128),
     "small": Preset(n_layers=8, d_model=512, n_heads=8, n_kv_heads=2, mlp_hidden=1408, vocab_size=2048),
 }
+# Real dimensions (DESIGN.md §2) for GPU latency: weights are generated on the device, never written.
+SHAPE_PRESETS = {
+    "llada-8b-shape": Preset(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden=12288,
+                             vocab_size=126464),
+    "dream-7b-shape": Preset(n_layers=28, d_model=3584, n_heads=28, n_kv_heads=4, mlp_hidden=18944,
+                             vocab_size=152064),
+}
 
 # Special tokens of each family, in the order they take the first ids of the tiny vocabulary.
 SPECIALS = {
@@ -101,6 +108,24 @@ def random_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             t = torch.randn(shape, generator=g) / shape[1] ** 0.5
         out[name] = t.contiguous()
     return out
+
+
+def random_weights(family: str, preset: Preset, device, dtype, seed: int = 0):
+    """(ModelConfig, Weights) of the preset's dimensions, random, allocated directly on the device:
+    for latency work on real shapes (latency does not depend on weight values)."""
+    from .checkpoint import Weights
+    cfg = parse_config(tiny_config(family, preset))
+    g = torch.Generator(device=device).manual_seed(seed)
+    d, q, kv, F, V, nL = cfg.d_model, cfg.q_width, cfg.kv_width, cfg.mlp_hidden, cfg.vocab_size, cfg.n_layers
+
+    def rnd(*shape, std):
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=g)
+    embed = rnd(V, d, std=1.0)
+    return cfg, Weights(embed=embed, attn_norm=rnd(nL, d, std=0.1) + 1, wqkv=rnd(nL, q + 2 * kv, d, std=d ** -0.5),
+                        bqkv=rnd(nL, q + 2 * kv, std=0.1) if cfg.qkv_bias else None, wo=rnd(nL, d, q, std=q ** -0.5),
+                        ffn_norm=rnd(nL, d, std=0.1) + 1, w_gate_up=rnd(nL, 2 * F, d, std=d ** -0.5),
+                        w_down=rnd(nL, d, F, std=F ** -0.5), final_norm=rnd(d, std=0.1) + 1,
+                        head=rnd(V, d, std=2 * d ** -0.5))
 
 
 def write_tokenizer(folder: Path, family: str, vocab_size: int) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from graphs import available
-from models.tiny import PRESETS, write_tiny
+from models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from runtime import DllmCache, Engine
 from runtime.buffers import RequestShape
 from runtime.decoding import DecodeConfig
@@ -45,7 +45,7 @@ def time_kind(run, st, iters: int, sync) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["llada", "dream"], default="llada")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(SHAPE_PRESETS), default="small")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--block-length", type=int, default=32)
@@ -58,10 +58,15 @@ def main(argv=None) -> None:
 
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Engine.from_pretrained(write_tiny(Path(tmp) / "m", a.family, a.preset, tokenizer=False),
-                                      device=device, dtype=dtype, backend="eager")
-    cfg, weights = base.cfg, base.weights
+    if a.preset in SHAPE_PRESETS:
+        if device.type != "cuda":
+            ap.error(f"--preset {a.preset} has billions of parameters: run it with --device cuda")
+        cfg, weights = random_weights(a.family, SHAPE_PRESETS[a.preset], device, dtype)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Engine.from_pretrained(write_tiny(Path(tmp) / "m", a.family, a.preset, tokenizer=False),
+                                          device=device, dtype=dtype, backend="eager")
+        cfg, weights = base.cfg, base.weights
     block = a.block_length if cfg.family == "llada" else a.gen_length
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
     dc = DecodeConfig.make(cfg.family)
@@ -93,6 +98,27 @@ def main(argv=None) -> None:
                 ratios = "  ".join(f"{k} {res['eager'][k] / res[n][k]:.2f}x" for k in KINDS)
                 print(f"speedup of {n} over eager: {ratios}")
     print("preparation (compile / capture) seconds: " + ", ".join(f"{n} {prep[n]:.1f}" for n in names))
+    if device.type == "cuda":
+        streamed = sum(t.numel() * t.element_size() for n, t in weights.tensors().items() if n != "embed")
+        bw = device_bandwidth(device)
+        floor = streamed / bw
+        print(f"weight-streaming floor: {streamed / 1e9:.2f} GB of weights / {bw / 1e12:.2f} TB/s measured = "
+              f"{floor * 1e3:.2f} ms; partial step / floor: " +
+              ", ".join(f"{n} {res[n]['partial'] / floor:.2f}x" for n in names))
+
+
+def device_bandwidth(device, gib: int = 2, iters: int = 10) -> float:
+    """Bytes per second of a large device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * src.numel() * iters / (start.elapsed_time(end) / 1e3)
 
 
 if __name__ == "__main__":
