@@ -65,6 +65,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return o.transpose(1, 2).reshape(B, S, H * hd)
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities of the query rows: q [B, H, S, hd], k [B, Hkv, L, hd],
+    key_mask [B, 1, 1, L] -> [B, S, L] fp32 (for attention rollout; outputs still come from SDPA)."""
+    g = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(g, dim=1) if g > 1 else k.float()
+    scores = (q.float() @ kf.transpose(-1, -2)) * q.shape[-1] ** -0.5          # [B, H, S, L]
+    scores = scores.masked_fill(~key_mask, float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
 def attn_out(w: Weights, i: int, o: torch.Tensor) -> torch.Tensor:
     return o @ w.wo[i].t()                                            # [B, S, d]
 
@@ -76,13 +86,17 @@ def ffn(w: Weights, cfg: ModelConfig, i: int, h: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up) @ w.w_down[i].t()
 
 
-def block(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos, sin, key_mask):
+def block(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos, sin, key_mask,
+          probs_out: torch.Tensor | None = None):
     """One full layer over all rows of x [B, L, d].
 
     Returns (attention delta [B, L, d], FFN delta [B, L, d], k [B, Hkv, L, hd] post-RoPE, v);
-    the layer output is x + a + m."""
+    the layer output is x + a + m. probs_out [B, L, L], if given, receives the head-averaged
+    attention probabilities."""
     q, k, v = qkv(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))
     q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
+    if probs_out is not None:
+        probs_out.copy_(attention_probs(q, k, key_mask))
     a = attn_out(w, i, attention(q, k, v, key_mask))
     m = ffn(w, cfg, i, x + a)
     return a, m, k, v

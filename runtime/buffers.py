@@ -51,6 +51,9 @@ class StepState:
     block_pos: torch.Tensor         # [n_blocks, Bl] int64  canvas positions of each block
     k_range: torch.Tensor           # [kmax] int64
     conf: torch.Tensor              # [B, Bl] fp32   the last step's candidate confidences
+    p0: torch.Tensor                # [B, Bl] fp32   the last step's p(x0) per block position
+    commit_pos: torch.Tensor        # [B, kmax] int64  canvas positions ranked for commit last step
+    commit_valid: torch.Tensor      # [B, kmax] bool   which of them were committed
     noise: torch.Tensor | None      # [B, Bl, V] sampling noise (float64 for LLaDA, fp32 for Dream)
     unif: torch.Tensor | None       # [B, Bl] fp32   per-row uniforms (LLaDA random, Dream origin)
     generator: torch.Generator
@@ -82,6 +85,9 @@ class StepState:
             block_pos=P + torch.arange(G, **i64).view(shape.n_blocks, Bl),
             k_range=torch.arange(kmax, **i64),
             conf=torch.zeros(B, Bl, device=device),
+            p0=torch.zeros(B, Bl, device=device),
+            commit_pos=torch.zeros(B, kmax, **i64),
+            commit_valid=torch.zeros(B, kmax, dtype=torch.bool, device=device),
             noise=noise,
             unif=torch.empty(B, Bl, device=device) if dc.random_per_row else None,
             generator=torch.Generator(device=device),
@@ -107,6 +113,7 @@ class StepState:
         self.sin.copy_(sin)
         self.step.zero_()
         self.conf.zero_()
+        self.commit_valid.zero_()
         self.generator.manual_seed(seed)
 
     def current_block(self) -> torch.Tensor:
@@ -151,3 +158,49 @@ class Cache:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"k": self.k, "v": self.v, "a": self.a, "m": self.m}
+
+
+@dataclass
+class D2Buffers:
+    """d2Cache scratch, allocated once per (shape, policy): the certainty-density kernel, the latest
+    certainty per response row, last step's attention rows and rollout importance, and the row set."""
+    s1: int                    # stage 1: masked rows chosen by certainty x density
+    s2: int                    # stage 2: rows chosen by attention-rollout importance
+    kernel: torch.Tensor       # [G, G]  exp(-(i-j)^2 / 2 sigma^2) over the response
+    left: torch.Tensor         # [G]     kernel mass of the prompt side (always known)
+    right: torch.Tensor        # [G]     kernel mass right of the response (known once the last token is)
+    z: float                   # kernel normaliser: D(i) in [0, 1]
+    conf_all: torch.Tensor     # [B, G] fp32  latest p(x0) computed for each response row
+    importance: torch.Tensor   # [B, L] fp32  column sums of last step's attention rollout
+    attn_full: torch.Tensor    # [nL, B, L, L] head-averaged attention of a full step
+    attn_rows: torch.Tensor    # [nL, B, S, L] head-averaged attention of the recomputed rows
+    rows: torch.Tensor         # [B, S] int64 rows recomputed this step (surplus slots alias a real row)
+    valid: torch.Tensor        # [B, S] bool  slots that are real, distinct rows
+
+    @property
+    def budget(self) -> int:
+        return self.rows.shape[1]
+
+    @staticmethod
+    def allocate(cfg: ModelConfig, shape: RequestShape, k: int, sigma: float, attn_budget: int, kmax: int,
+                 device) -> "D2Buffers":
+        nL, B, L, G = cfg.n_layers, shape.batch, shape.length, shape.gen_length
+        s1, s2 = min(k, G), min(attn_budget, L)
+        S = s1 + kmax + s2
+        i = torch.arange(G, dtype=torch.float64)
+        gauss = lambda d: torch.exp(-d.pow(2) / (2 * sigma ** 2))            # noqa: E731
+        ext = torch.arange(G, dtype=torch.float64)
+        kernel = gauss(i[:, None] - i[None, :])
+        left = gauss(i[:, None] + 1 + ext[None, :]).sum(1)                   # j = -1 .. -G
+        right = gauss(G + ext[None, :] - i[:, None]).sum(1)                  # j = G .. 2G-1
+        z = float(gauss(torch.arange(-3 * G, 3 * G + 1, dtype=torch.float64)).sum())
+        f32 = dict(dtype=torch.float32, device=device)
+        return D2Buffers(s1=s1, s2=s2, kernel=kernel.to(**f32), left=left.to(**f32), right=right.to(**f32), z=z,
+                         conf_all=torch.ones(B, G, **f32), importance=torch.ones(B, L, **f32),
+                         attn_full=torch.zeros(nL, B, L, L, **f32), attn_rows=torch.zeros(nL, B, S, L, **f32),
+                         rows=torch.zeros(B, S, dtype=torch.int64, device=device),
+                         valid=torch.zeros(B, S, dtype=torch.bool, device=device))
+
+    def reset(self) -> None:
+        self.conf_all.fill_(1.0)
+        self.importance.fill_(1.0)

@@ -139,7 +139,9 @@ def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def choose(dc: DecodeConfig, logits: torch.Tensor, noise: torch.Tensor | None, unif: torch.Tensor | None):
-    """logits [B, R, V] fp32 for the candidate rows -> (x0 [B, R] int64, confidence [B, R] fp32).
+    """logits [B, R, V] fp32 for the candidate rows -> (x0 [B, R] int64, confidence [B, R] fp32,
+    p(x0) [B, R] fp32). The confidence ranks commits (it depends on the alg); p(x0) is the certainty
+    prior d2Cache ranks rows by, whatever the alg.
 
     noise [B, R, V]: uniforms (LLaDA Gumbel, float64) or Exp(1) draws (Dream sampling), refilled by the
     caller each step; unif [B, R]: uniforms for LLaDA 'random' remasking."""
@@ -148,9 +150,8 @@ def choose(dc: DecodeConfig, logits: torch.Tensor, noise: torch.Tensor | None, u
             x0 = (logits.double().exp() / (-noise.log()).pow(dc.temperature)).argmax(-1)
         else:
             x0 = logits.argmax(-1)
-        if dc.remasking == "random":
-            return x0, unif
-        return x0, logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        p0 = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        return x0, (unif if dc.remasking == "random" else p0), p0
 
     if dc.temperature > 0:
         logits = logits / dc.temperature
@@ -164,9 +165,10 @@ def choose(dc: DecodeConfig, logits: torch.Tensor, noise: torch.Tensor | None, u
         conf = probs.gather(-1, x0[..., None]).squeeze(-1)
     else:
         conf, x0 = probs.max(-1)
+    p0 = conf
     if dc.alg == "topk_margin":
         top2 = probs.topk(2, dim=-1).values
         conf = top2[..., 0] - top2[..., 1]
     elif dc.alg == "entropy":
         conf = (probs * (probs + 1e-10).log()).sum(-1)
-    return x0, conf
+    return x0, conf, p0

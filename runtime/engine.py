@@ -21,10 +21,10 @@ from models.checkpoint import Weights, load_weights
 from models.config import CheckpointError, ModelConfig, load_config
 
 from . import scheduler
-from .buffers import Cache, RequestShape, StepState
+from .buffers import Cache, D2Buffers, RequestShape, StepState
 from .decoding import DecodeConfig, RequestError, check_shape
 from .policies import NoCache
-from .steps import step_bodies
+from .steps import policy_bodies
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,7 +111,8 @@ class Engine:
         self._tokenizer = None
         self._states: dict[tuple, StepState] = {}     # one preallocated state per request shape
         self._caches: dict[RequestShape, Cache] = {}  # one cache per request shape, for caching policies
-        self._runners: dict[tuple, dict] = {}          # (shape, decoding, budget, cached) -> steps by kind
+        self._runners: dict[tuple, dict] = {}          # (shape, decoding, policy step key) -> steps by kind
+        self._d2: dict[tuple, D2Buffers] = {}          # d2Cache scratch per runner key
         self._pool = GraphPool(self.device) if "cudagraph" in self.backend else None
         self.buckets: list[Bucket] = []
         self.capture_seconds = 0.0
@@ -204,15 +205,14 @@ class Engine:
     def prepare_steps(self, shape: RequestShape, dc: DecodeConfig, policy, kinds) -> tuple[dict, float]:
         """Runnable steps of the given kinds for this shape, preparing (compiling / capturing) the
         missing ones; returns (steps by kind, seconds spent preparing now)."""
-        budget = policy.budget(shape.gen_length)
-        key = (shape, dc, budget, policy.uses_cache)
+        key = (shape, dc, policy.step_key(shape.gen_length))
         have = self._runners.setdefault(key, {})
         missing = [k for k in kinds if k not in have]
         if not missing:
             return have, 0.0
         st = self.state_for(shape, dc)
         cache = self.cache_for(shape) if policy.uses_cache else None
-        bodies = step_bodies(self.weights, self.cfg, st, cache, budget)
+        bodies = policy_bodies(self.weights, self.cfg, st, cache, policy, self.d2_for(shape, dc, policy))
         # warm-up needs a sane canvas; generate() refills it with the real request afterwards
         st.fill(self.cfg, [[self.cfg.pad_id] * shape.prompt_bucket] * shape.batch, seed=0)
 
@@ -224,6 +224,19 @@ class Engine:
         have.update(new)
         return have, seconds
 
+    def d2_for(self, shape: RequestShape, dc: DecodeConfig, policy) -> D2Buffers | None:
+        if policy.name != "d2cache":
+            return None
+        if dc.family == "dream" and dc.alg == "origin":
+            raise RequestError("d2cache needs a fixed commit count per step; Dream's 'origin' alg reveals a "
+                               "random number of tokens. Use --alg maskgit_plus, topk_margin or entropy")
+        key = (shape, dc, policy.step_key(shape.gen_length))
+        if key not in self._d2:
+            st = self.state_for(shape, dc)
+            self._d2[key] = D2Buffers.allocate(self.cfg, shape, policy.k, policy.sigma, policy.attn_budget,
+                                               st.kmax, self.device)
+        return self._d2[key]
+
     def capture(self, bucket: Bucket, policy=None, **decoding) -> float:
         """Prepare every step kind of `policy` for a bucket now; returns the seconds it took."""
         policy = policy or NoCache()
@@ -234,8 +247,7 @@ class Engine:
             raise RequestError(f"unknown decoding options {sorted(unknown)}; use remasking, alg, temperature, "
                                f"top_p, top_k")
         dc = DecodeConfig.make(self.cfg.family, **decoding)
-        kinds = ["full", "prompt_refresh", "response_refresh", "partial"] if policy.uses_cache else ["full"]
-        _, seconds = self.prepare_steps(shape, dc, policy, kinds)
+        _, seconds = self.prepare_steps(shape, dc, policy, policy.kinds())
         if bucket not in self.buckets:
             self.buckets.append(bucket)
         return seconds
@@ -259,7 +271,7 @@ class Engine:
                 and prompt_bucket in (None, b.prompt)]
         for b in sorted(fits, key=lambda b: b.prompt):
             shape = b.shape()
-            key = (shape, dc, policy.budget(gen_length), policy.uses_cache)
+            key = (shape, dc, policy.step_key(gen_length))
             if key in self._runners or self.capture_on_demand:
                 return shape
         shape = RequestShape(len(prompts), prompt_bucket or longest, gen_length, block, steps)
@@ -298,6 +310,9 @@ class Engine:
             self._sync()
             t0 = time.perf_counter()
             st.fill(cfg, prompts, seed)
+            d2 = self.d2_for(shape, dc, policy)
+            if d2 is not None:
+                d2.reset()
             kinds = scheduler.run(plan, step_fns)
             out = st.tokens[:, shape.prompt_bucket:].cpu().tolist()
             t1 = time.perf_counter()

@@ -22,6 +22,12 @@ class NoCache:
     def budget(self, gen_length: int) -> int:
         return 0
 
+    def kinds(self) -> list[str]:
+        return ["full"]
+
+    def step_key(self, gen_length: int) -> tuple:
+        return ("none",)
+
 
 @dataclass(frozen=True)
 class DllmCache:
@@ -56,8 +62,52 @@ class DllmCache:
             raise RequestError(f"budget {k} exceeds the response length {gen_length}")
         return k
 
+    def kinds(self) -> list[str]:
+        return ["full", "prompt_refresh", "response_refresh", "partial"]
 
-POLICIES = {"none": NoCache, "dllm-cache": DllmCache}
+    def step_key(self, gen_length: int) -> tuple:
+        return ("dllm-cache", self.budget(gen_length))
+
+
+@dataclass(frozen=True)
+class D2Cache:
+    """d2Cache with a fixed budget: the first step is a full refresh; every later step recomputes
+    exactly k + (most commits per step) + attn_budget rows chosen on the device from the last step:
+    the k masked rows of highest certainty x density (current block first; Dream: the row before),
+    the rows committed last step, and the attn_budget rows of highest attention-rollout importance
+    (attn_p additionally masks the picks beyond the reference's top-p nucleus)."""
+    k: int = 32
+    sigma: float = 10.0
+    attn_budget: int = 32
+    attn_p: float | None = None
+    quasi_l2r: bool = False
+    name = "d2cache"
+    uses_cache = True
+
+    def __post_init__(self):
+        for f in ("k", "attn_budget"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if f == "k" else 0):
+                raise RequestError(f"d2cache {f} must be an integer >= {1 if f == 'k' else 0}, got {v!r}")
+        if not isinstance(self.sigma, (int, float)) or not self.sigma > 0:
+            raise RequestError(f"d2cache sigma (the certainty-density kernel width) must be > 0, got {self.sigma!r}")
+        if self.attn_p is not None and not 0.0 < self.attn_p <= 1.0:
+            raise RequestError(f"d2cache attn_p must be in (0, 1], got {self.attn_p!r}")
+
+    def plan(self, steps: int) -> list[str]:
+        return ["full"] + ["partial"] * (steps - 1)
+
+    def budget(self, gen_length: int) -> int:
+        return min(self.k, gen_length)      # stage 1; the full row budget also depends on the schedule
+
+    def kinds(self) -> list[str]:
+        return ["full", "partial"]
+
+    def step_key(self, gen_length: int) -> tuple:
+        return ("d2cache", self.k, float(self.sigma), self.attn_budget, self.attn_p, self.quasi_l2r)
+
+
+POLICIES = {"none": NoCache, "dllm-cache": DllmCache, "d2cache": D2Cache}
 
 
 def make_policy(name: str, **params):

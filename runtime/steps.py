@@ -17,27 +17,38 @@ import torch.nn.functional as F
 
 from models.checkpoint import Weights
 from models.config import ModelConfig
-from models.layers import apply_rope, attention, attn_out, block, ffn, head, rms_norm
+from models.layers import apply_rope, attention, attention_probs, attn_out, block, ffn, head, rms_norm
 
-from .buffers import Cache, StepState
+from .buffers import Cache, D2Buffers, StepState
 from .decoding import choose
+from .selectors import certainty_density, d2_select, rollout_full, rollout_rows, row_mask
 
 STEP_KINDS = ("full", "response_refresh", "partial", "prompt_refresh")
 
 
-def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor) -> None:
-    """logits [B, Bl, V] fp32 for the current block's positions -> commit this step's tokens, step += 1."""
+def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor, fresh: torch.Tensor | None = None,
+           prior: torch.Tensor | None = None) -> None:
+    """logits [B, Bl, V] fp32 for the current block's positions -> commit this step's tokens, step += 1.
+
+    fresh [B, Bl] bool: positions whose logits came from rows recomputed this step; the others rank
+    after them (d2Cache decodes what it recomputed). prior [B, Bl]: rank by p(x0) * prior instead of the
+    confidence (quasi left-to-right decoding with the certainty density)."""
     pos = st.current_block()                                          # [Bl]
     # The mask token is never a candidate: committing it would leave a mask behind that the
     # precomputed schedule does not count (the references allow it; on the real checkpoints it never
     # changes an output, reference/exact_semantics.md).
     logits[..., cfg.mask_id] = float("-inf")
-    x0, conf = choose(st.dc, logits, st.noise, st.unif)               # [B, Bl] each
+    x0, conf, p0 = choose(st.dc, logits, st.noise, st.unif)           # [B, Bl] each
     cur = st.tokens.index_select(1, pos)                              # [B, Bl]
     is_mask = cur == cfg.mask_id
     x0 = torch.where(is_mask, x0, cur)
+    if prior is not None:
+        conf = p0 * prior
+    if fresh is not None:
+        conf = torch.where(fresh, conf, conf - 1e9)
     conf = torch.where(is_mask, conf, torch.full_like(conf, float("-inf")))
     st.conf.copy_(conf)
+    st.p0.copy_(p0)
     if st.dc.family == "dream" and st.dc.alg == "origin":
         take = is_mask & (st.unif < st.reveal_prob.index_select(0, st.step))
         new = torch.where(take, x0, cur)
@@ -45,6 +56,8 @@ def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor) -> None:
         idx = conf.topk(st.kmax, dim=1).indices                       # [B, kmax]
         keep = st.k_range < st.counts.index_select(0, st.step)        # [kmax]
         new = cur.scatter(1, idx, torch.where(keep, x0.gather(1, idx), cur.gather(1, idx)))
+        st.commit_pos.copy_(pos[idx])
+        st.commit_valid.copy_(keep & is_mask.gather(1, idx))
     st.tokens.index_copy_(1, pos, new)
     st.step.add_(1)
 
@@ -61,8 +74,8 @@ def block_logits(w: Weights, cfg: ModelConfig, st: StepState, x: torch.Tensor) -
     return head(w, cfg, x.index_select(1, decodable_rows(cfg, st))).float()
 
 
-def _full_layer(w, cfg, i, x, st: StepState, cache: Cache | None) -> torch.Tensor:
-    a, m, k, v = block(w, cfg, i, x, st.cos, st.sin, st.key_mask)
+def _full_layer(w, cfg, i, x, st: StepState, cache: Cache | None, probs_out=None) -> torch.Tensor:
+    a, m, k, v = block(w, cfg, i, x, st.cos, st.sin, st.key_mask, probs_out)
     if cache is not None:
         cache.k[i].copy_(k)
         cache.v[i].copy_(v)
@@ -104,21 +117,28 @@ def v_verify(v_new: torch.Tensor, v_old: torch.Tensor, budget: int) -> torch.Ten
     return cos.topk(budget, dim=1, largest=False).indices
 
 
-def _rows_layer(w, cfg, i, x, st: StepState, cache: Cache, rows: torch.Tensor, n_prompt: int,
-                v_resp: torch.Tensor | None) -> torch.Tensor:
+def _rows_layer(w, cfg, i, x, st: StepState, cache: Cache, rows: torch.Tensor, n_prompt: int = 0,
+                v_resp: torch.Tensor | None = None, fused: bool = False, probs_out=None) -> torch.Tensor:
     """Recompute the rows [B, S] of layer i against the cache; everything else reuses cached deltas.
 
-    The first n_prompt entries of rows are the prompt rows (their V is computed here); the response
-    V cache has already been written from v_resp (V-verify computes it for all response rows)."""
+    fused: q, k and v of every row come from the fused projection (d2Cache, DualCache). Otherwise
+    (dLLM-Cache) only q and k are projected here: the first n_prompt rows are prompt rows whose V is
+    computed here, and the response V cache is written from v_resp (V-verify has it for all rows).
+    probs_out [B, S, L] receives the rows' head-averaged attention probabilities."""
     B, S = rows.shape
     d, hd, P = cfg.d_model, cfg.head_dim, st.shape.prompt_bucket
     if v_resp is not None:
         cache.v[i, :, :, P:].copy_(v_resp)
     rows_d = rows[..., None].expand(B, S, d)
     n = rms_norm(x.gather(1, rows_d), w.attn_norm[i], cfg.norm_eps)  # [B, S, d]
-    qk = n @ w.wqkv[i, :cfg.q_width + cfg.kv_width].t()
+    width = cfg.q_width + cfg.kv_width * (2 if fused else 1)
+    qk = n @ w.wqkv[i, :width].t()
     if w.bqkv is not None:
-        qk = qk + w.bqkv[i, :cfg.q_width + cfg.kv_width]
+        qk = qk + w.bqkv[i, :width]
+    if fused:
+        qk, v = qk.split([cfg.q_width + cfg.kv_width, cfg.kv_width], dim=-1)
+        v = v.view(B, S, cfg.n_kv_heads, hd).transpose(1, 2)         # [B, Hkv, S, hd]
+        cache.v[i].scatter_(2, rows[:, None, :, None].expand(B, cfg.n_kv_heads, S, hd), v)
     q, k = qk.split([cfg.q_width, cfg.kv_width], dim=-1)
     q = q.view(B, S, cfg.n_heads, hd).transpose(1, 2)                # [B, H, S, hd]
     k = k.view(B, S, cfg.n_kv_heads, hd).transpose(1, 2)             # [B, Hkv, S, hd]
@@ -128,6 +148,8 @@ def _rows_layer(w, cfg, i, x, st: StepState, cache: Cache, rows: torch.Tensor, n
     cache.k[i].scatter_(2, rows[:, None, :, None].expand(B, cfg.n_kv_heads, S, hd), k)
     if n_prompt:
         cache.v[i, :, :, :P].copy_(_response_v(w, cfg, i, n[:, :n_prompt]))   # same V slice, prompt rows
+    if probs_out is not None:
+        probs_out.copy_(attention_probs(q, cache.k[i], st.key_mask))
     a = attn_out(w, i, attention(q, cache.k[i], cache.v[i], st.key_mask))   # [B, S, d]
     cache.a[i].scatter_(1, rows_d, a)
     h = x + cache.a[i]
@@ -165,6 +187,43 @@ def cached_step(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, kind:
     commit(cfg, st, block_logits(w, cfg, st, cached_forward(w, cfg, st, cache, kind, budget)))
 
 
+# ---------------------------------------------------------------- d2Cache
+
+def _d2_commit(cfg: ModelConfig, st: StepState, d2: D2Buffers, logits, fresh, quasi_l2r: bool) -> None:
+    """Commit, then remember each recomputed block position's p(x0) as its latest certainty."""
+    P = st.shape.prompt_bucket
+    blk = st.current_block() - P                                     # [Bl] response indices (before step += 1)
+    prior = None
+    if quasi_l2r:
+        known = st.tokens[:, P:] != cfg.mask_id
+        prior = certainty_density(d2, known).index_select(1, blk)
+    commit(cfg, st, logits, fresh, prior)
+    old = d2.conf_all.index_select(1, blk)
+    d2.conf_all.index_copy_(1, blk, st.p0 if fresh is None else torch.where(fresh, st.p0, old))
+
+
+def d2_full(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, d2: D2Buffers, quasi_l2r: bool) -> None:
+    """d2Cache's first step: a full refresh that also records every layer's attention for the rollout."""
+    x = F.embedding(st.tokens, w.embed)
+    for i in range(cfg.n_layers):
+        x = _full_layer(w, cfg, i, x, st, cache, probs_out=d2.attn_full[i])
+    _d2_commit(cfg, st, d2, block_logits(w, cfg, st, x), None, quasi_l2r)
+    rollout_full(d2)
+
+
+def d2_partial(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, d2: D2Buffers,
+               attn_p: float | None, quasi_l2r: bool) -> None:
+    """d2Cache step: choose the rows from the last step's outputs, recompute only them in every layer
+    (the rest reuse cached K/V and deltas), decode what was recomputed first, roll out attention."""
+    d2_select(cfg, st, d2, attn_p)
+    x = F.embedding(st.tokens, w.embed)
+    for i in range(cfg.n_layers):
+        x = _rows_layer(w, cfg, i, x, st, cache, d2.rows, fused=True, probs_out=d2.attn_rows[i])
+    fresh = row_mask(d2.rows, d2.valid, st.shape.length).index_select(1, decodable_rows(cfg, st))
+    _d2_commit(cfg, st, d2, block_logits(w, cfg, st, x), fresh, quasi_l2r)
+    rollout_rows(d2)
+
+
 def step_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
     """Zero-argument step bodies by kind, bound to one request's buffers: pure tensor code that reads the
     step's random numbers from st.noise / st.unif (refilled before each step) and compiles with
@@ -175,6 +234,15 @@ def step_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None
     for kind in STEP_KINDS[1:]:
         bodies[kind] = (lambda k: lambda: cached_step(w, cfg, st, cache, k, budget))(kind)
     return bodies
+
+
+def policy_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, policy,
+                  d2: D2Buffers | None = None):
+    """The step bodies a policy's plan uses, by kind."""
+    if policy.name == "d2cache":
+        return {"full": lambda: d2_full(w, cfg, st, cache, d2, policy.quasi_l2r),
+                "partial": lambda: d2_partial(w, cfg, st, cache, d2, policy.attn_p, policy.quasi_l2r)}
+    return step_bodies(w, cfg, st, cache, policy.budget(st.shape.gen_length))
 
 
 def make_steps(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):

@@ -185,7 +185,7 @@ def test_gumbel_max_samples_the_softmax():
     logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]]).expand(1, 20000, 4).contiguous()
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 20000, 4, dtype=torch.float64, generator=g)
-    x0, _ = choose(dc, logits, noise, None)
+    x0, _, _ = choose(dc, logits, noise, None)
     freq = torch.bincount(x0.flatten(), minlength=4).double() / 20000
     expect = logits[0, 0].double().softmax(-1)
     assert (freq - expect).abs().max() < 0.015      # ~3 standard errors at n = 20000
