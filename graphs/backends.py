@@ -24,7 +24,7 @@ from .capture import GraphPool, capture
 
 BACKENDS = ("eager", "compile", "cudagraph", "compile+cudagraph")
 # Largest first: capture order lets later (smaller) graphs reuse the pool's blocks.
-KIND_ORDER = ("full", "prompt_refresh", "response_refresh", "partial")
+KIND_ORDER = ("full", "prompt_refresh", "response_refresh", "partial", "block")
 
 
 class BackendError(ValueError):

@@ -45,8 +45,8 @@ class StepState:
     cos: torch.Tensor               # [B, 1, L, hd] fp32
     sin: torch.Tensor               # [B, 1, L, hd] fp32
     step: torch.Tensor              # [1] int64      device step counter, incremented by every step
-    counts: torch.Tensor            # [steps] int64  tokens to commit at each step
-    block_of_step: torch.Tensor     # [steps] int64
+    block: torch.Tensor             # [1] int64      current block, advanced by the step that empties it
+    counts: torch.Tensor            # [steps] int64  tokens to commit at each step (fixed schedules)
     reveal_prob: torch.Tensor       # [steps] fp32   Dream 'origin' only (else unused)
     block_pos: torch.Tensor         # [n_blocks, Bl] int64  canvas positions of each block
     k_range: torch.Tensor           # [kmax] int64
@@ -64,7 +64,7 @@ class StepState:
         L = shape.length
         counts = commit_counts(dc, G, Bl, shape.steps)
         spb = check_shape(G, Bl, shape.steps)
-        kmax = max(counts)
+        kmax = Bl if dc.threshold is not None else max(counts)   # threshold: up to a whole block per step
         i64 = dict(dtype=torch.int64, device=device)
         noise = None
         if dc.random_per_vocab:
@@ -79,8 +79,8 @@ class StepState:
             cos=torch.empty(B, 1, L, cfg.head_dim, device=device),
             sin=torch.empty(B, 1, L, cfg.head_dim, device=device),
             step=torch.zeros(1, **i64),
+            block=torch.zeros(1, **i64),
             counts=torch.tensor(counts, **i64),
-            block_of_step=torch.arange(shape.steps, **i64) // spb,
             reveal_prob=torch.tensor(reveal, dtype=torch.float32, device=device),
             block_pos=P + torch.arange(G, **i64).view(shape.n_blocks, Bl),
             k_range=torch.arange(kmax, **i64),
@@ -101,9 +101,10 @@ class StepState:
         canvas = torch.full((B, self.shape.length), cfg.mask_id, dtype=torch.int64)
         n_pad = torch.empty(B, dtype=torch.int64)
         for b, ids in enumerate(prompts):
-            n_pad[b] = P - len(ids)
-            canvas[b, :n_pad[b]] = cfg.pad_id
-            canvas[b, n_pad[b]:P] = torch.tensor(ids, dtype=torch.int64)
+            pad = P - len(ids)
+            n_pad[b] = pad
+            canvas[b, :pad] = cfg.pad_id
+            canvas[b, pad:P] = torch.tensor(ids, dtype=torch.int64)
         self.tokens.copy_(canvas)
         self.n_pad.copy_(n_pad)
         positions, key_mask = positions_and_mask(self.tokens, self.n_pad)
@@ -112,13 +113,14 @@ class StepState:
         self.cos.copy_(cos)
         self.sin.copy_(sin)
         self.step.zero_()
+        self.block.zero_()
         self.conf.zero_()
         self.commit_valid.zero_()
         self.generator.manual_seed(seed)
 
     def current_block(self) -> torch.Tensor:
         """Canvas positions [Bl] of the block the current step works on (device-side lookup)."""
-        return self.block_pos.index_select(0, self.block_of_step.index_select(0, self.step)).squeeze(0)
+        return self.block_pos.index_select(0, self.block.clamp(max=self.shape.n_blocks - 1)).squeeze(0)
 
     def draw_noise(self) -> None:
         """Refill this step's random numbers in place (no-op for greedy decoding)."""

@@ -3,7 +3,7 @@
     dllm generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) --gen-length N --steps N
                   --block-length N [--remasking ...] [--alg ...] [--temperature F] [--top-p F] [--top-k N]
                   [--seed N] [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--chat] [--json]
-                  [--policy none|dllm-cache|d2cache --kp N --kr N --rho F
+                  [--threshold F] [--policy none|dllm-cache|d2cache|dual-cache --kp N --kr N --rho F
                    --k N --sigma F --attn-budget N [--attn-p F] [--quasi-l2r]]
                   [--backend eager|compile|cudagraph|compile+cudagraph]
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
     g.add_argument("--policy", choices=list(POLICIES), default="none",
-                   help="cache policy: none (full refresh every step), dllm-cache or d2cache")
+                   help="cache policy: none (full refresh every step), dllm-cache, d2cache or dual-cache")
     g.add_argument("--kp", type=int, default=100, help="dllm-cache: refresh the prompt every kp steps")
     g.add_argument("--kr", type=int, default=7, help="dllm-cache: refresh the response every kr steps")
     g.add_argument("--rho", type=float, default=0.25, help="dllm-cache: fraction of the response recomputed "
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="d2cache: also mask rollout picks beyond this top-p nucleus (reference: 0.1)")
     g.add_argument("--quasi-l2r", action="store_true",
                    help="d2cache: rank commits by confidence x certainty density (quasi left-to-right)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="commit every masked block token with p >= threshold (at least one) per step; the "
+                        "step count then depends on the data")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="how steps run (default: the fastest on the device for cached plans: eager on "
                         "CPU, compile+cudagraph on CUDA)")
@@ -85,14 +88,14 @@ def cmd_generate(a) -> int:
         raise RequestError("--chat applies a chat template to --prompt text; it cannot wrap --prompt-ids")
     params = {"none": {}, "dllm-cache": dict(kp=a.kp, kr=a.kr, rho=a.rho),
               "d2cache": dict(k=a.k, sigma=a.sigma, attn_budget=a.attn_budget, attn_p=a.attn_p,
-                              quasi_l2r=a.quasi_l2r)}[a.policy]
+                              quasi_l2r=a.quasi_l2r), "dual-cache": {}}[a.policy]
     policy = make_policy(a.policy, **params)
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
                                  backend=a.backend)
     out = eng.generate(a.prompt if a.prompt is not None else a.prompt_ids, gen_length=a.gen_length,
                        steps=a.steps, block_length=a.block_length, remasking=a.remasking, alg=a.alg,
                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
-                       prompt_bucket=a.prompt_bucket, policy=policy)
+                       prompt_bucket=a.prompt_bucket, policy=policy, threshold=a.threshold)
     if a.json:
         print(json.dumps(out.to_json()))
         return 0

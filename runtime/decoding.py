@@ -28,10 +28,14 @@ class DecodeConfig:
     top_p: float | None = None     # Dream only
     top_k: int | None = None       # Dream only
     eps: float = 1e-3              # Dream: linspace(1, eps, steps + 1)
+    threshold: float | None = None  # commit every masked block row with p(x0) >= threshold (at least one)
 
     @staticmethod
-    def make(family: str, remasking=None, alg=None, temperature=0.0, top_p=None, top_k=None) -> "DecodeConfig":
+    def make(family: str, remasking=None, alg=None, temperature=0.0, top_p=None, top_k=None,
+             threshold=None) -> "DecodeConfig":
         """Validate user options against the model family and fill the family defaults."""
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise RequestError(f"threshold must be in (0, 1] (a probability), got {threshold}")
         if temperature is None or temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -48,14 +52,18 @@ class DecodeConfig:
             remasking = remasking or "low_confidence"
             if remasking not in LLADA_REMASKING:
                 raise RequestError(f"unknown remasking {remasking!r}; choose one of {', '.join(LLADA_REMASKING)}")
-            return DecodeConfig("llada", remasking=remasking, temperature=float(temperature))
+            return DecodeConfig("llada", remasking=remasking, temperature=float(temperature), threshold=threshold)
         if remasking is not None:
             raise RequestError(f"--remasking {remasking} is a LLaDA option; Dream chooses tokens with "
                                f"--alg {'|'.join(DREAM_ALGS)}")
         alg = alg or "entropy"
         if alg not in DREAM_ALGS:
             raise RequestError(f"unknown alg {alg!r}; choose one of {', '.join(DREAM_ALGS)}")
-        return DecodeConfig("dream", alg=alg, temperature=float(temperature), top_p=top_p, top_k=top_k)
+        if alg == "origin" and threshold is not None:
+            raise RequestError("threshold decoding ranks rows by confidence; Dream's 'origin' alg reveals rows at "
+                               "random. Use --alg maskgit_plus, topk_margin or entropy with --threshold")
+        return DecodeConfig("dream", alg=alg, temperature=float(temperature), top_p=top_p, top_k=top_k,
+                            threshold=threshold)
 
     @property
     def random_per_row(self) -> bool:      # needs one uniform per candidate row per step

@@ -218,6 +218,7 @@ class Engine:
 
         def reset():
             st.step.zero_()
+            st.block.zero_()
             st.draw_noise()
         with torch.inference_mode():
             new, seconds = backends.prepare(self.backend, {k: bodies[k] for k in missing}, reset, self._pool)
@@ -289,14 +290,17 @@ class Engine:
     def generate(self, prompt, *, gen_length: int, steps: int, block_length: int | None = None,
                  remasking: str | None = None, alg: str | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0, chat: bool = False,
-                 prompt_bucket: int | None = None, policy=None) -> Generation:
+                 prompt_bucket: int | None = None, policy=None, threshold: float | None = None) -> Generation:
+        """threshold: commit every masked row of the block whose p(x0) >= threshold (at least one per
+        step); the number of steps then depends on the data (steps only has to divide into blocks)."""
         cfg = self.cfg
         policy = policy or NoCache()
-        dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k)
+        dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k, threshold)
         prompts = self._prompt_ids(prompt, chat)
         shape = self._pick_shape(prompts, gen_length, steps, block_length, prompt_bucket, dc, policy)
-        plan = policy.plan(steps)
-        runners, capture_seconds = self.prepare_steps(shape, dc, policy, sorted(set(plan)))
+        plan = None if threshold is not None else policy.plan(steps, steps // shape.n_blocks)
+        kinds_needed = policy.kinds() if plan is None else sorted(set(plan))
+        runners, capture_seconds = self.prepare_steps(shape, dc, policy, kinds_needed)
         st = self.state_for(shape, dc)
 
         def with_noise(run):
@@ -304,7 +308,7 @@ class Engine:
                 st.draw_noise()                  # one in-place refill, outside any graph
                 run()
             return step
-        step_fns = {k: with_noise(runners[k]) for k in set(plan)}
+        step_fns = {k: with_noise(runners[k]) for k in kinds_needed}
 
         with torch.inference_mode():
             self._sync()
@@ -313,12 +317,17 @@ class Engine:
             d2 = self.d2_for(shape, dc, policy)
             if d2 is not None:
                 d2.reset()
-            kinds = scheduler.run(plan, step_fns)
+            if plan is None:
+                kinds = scheduler.run_until_done(policy.kind_at, step_fns, lambda: int(st.block.item()),
+                                                 shape.n_blocks, shape.block_length)
+            else:
+                kinds = scheduler.run(plan, step_fns)
             out = st.tokens[:, shape.prompt_bucket:].cpu().tolist()
             t1 = time.perf_counter()
         tok = self._tokenizer_if_usable()
         text = None if tok is None else [tok.decode(ids, skip_special_tokens=True) for ids in out]
-        return Generation(tokens=out, text=text, steps=steps, step_kinds=dict(kinds), seconds=t1 - t0,
+        return Generation(tokens=out, text=text, steps=sum(kinds.values()), step_kinds=dict(kinds),
+                          seconds=t1 - t0,
                           backend=self.backend, capture_seconds=capture_seconds,
                           prompt_tokens=[len(p) for p in prompts])
 

@@ -1,7 +1,9 @@
 """Cache policies: each is a step plan on host integers plus a row selection rule.
 
-The plan is a list of step-kind names, one per step, fixed before generation starts; the scheduler
-replays it. A caching policy also fixes its row budget, so every step kind has one static shape.
+`kind_at(n, i)` names the step kind of model forward n (1-based, counted across blocks) when it is
+step i (0-based) of its block. With a fixed schedule the whole plan is known before generation
+(`plan`); with threshold decoding the scheduler asks step by step. A caching policy also fixes its
+row budget, so every step kind has one static shape.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ class NoCache:
     name = "none"
     uses_cache = False
 
-    def plan(self, steps: int) -> list[str]:
-        return ["full"] * steps
+    def kind_at(self, n: int, i: int) -> str:
+        return "full"
+
+    def plan(self, steps: int, steps_per_block: int | None = None) -> list[str]:
+        return plan(self, steps, steps_per_block)
 
     def budget(self, gen_length: int) -> int:
         return 0
@@ -48,13 +53,12 @@ class DllmCache:
             raise RequestError(f"dllm-cache rho must be in [0, 1] (the fraction of the response recomputed "
                                f"per step), got {self.rho!r}")
 
-    def plan(self, steps: int) -> list[str]:
-        out = []
-        for n in range(1, steps + 1):       # n counts model forwards across blocks, as the reference does
-            rp, rr = (n - 1) % self.kp == 0, (n - 1) % self.kr == 0
-            out.append("full" if rp and rr else "prompt_refresh" if rp else "response_refresh" if rr
-                       else "partial")
-        return out
+    def kind_at(self, n: int, i: int) -> str:
+        rp, rr = (n - 1) % self.kp == 0, (n - 1) % self.kr == 0   # n runs across blocks, as the reference
+        return "full" if rp and rr else "prompt_refresh" if rp else "response_refresh" if rr else "partial"
+
+    def plan(self, steps: int, steps_per_block: int | None = None) -> list[str]:
+        return plan(self, steps, steps_per_block)
 
     def budget(self, gen_length: int) -> int:
         k = int(gen_length * self.rho)      # over the whole response, not the block (reference)
@@ -94,8 +98,11 @@ class D2Cache:
         if self.attn_p is not None and not 0.0 < self.attn_p <= 1.0:
             raise RequestError(f"d2cache attn_p must be in (0, 1], got {self.attn_p!r}")
 
-    def plan(self, steps: int) -> list[str]:
-        return ["full"] + ["partial"] * (steps - 1)
+    def kind_at(self, n: int, i: int) -> str:
+        return "full" if n == 1 else "partial"
+
+    def plan(self, steps: int, steps_per_block: int | None = None) -> list[str]:
+        return plan(self, steps, steps_per_block)
 
     def budget(self, gen_length: int) -> int:
         return min(self.k, gen_length)      # stage 1; the full row budget also depends on the schedule
@@ -107,7 +114,37 @@ class D2Cache:
         return ("d2cache", self.k, float(self.sigma), self.attn_budget, self.attn_p, self.quasi_l2r)
 
 
-POLICIES = {"none": NoCache, "dllm-cache": DllmCache, "d2cache": D2Cache}
+@dataclass(frozen=True)
+class DualCache:
+    """Fast-dLLM dual cache: a full refresh at each block start, then steps that recompute only the
+    current block's rows (for Dream also the row before it, whose logits decode the block's first
+    position); the prefix and the suffix reuse their cached K/V and deltas."""
+    name = "dual-cache"
+    uses_cache = True
+
+    def kind_at(self, n: int, i: int) -> str:
+        return "full" if i == 0 else "block"
+
+    def plan(self, steps: int, steps_per_block: int | None = None) -> list[str]:
+        return plan(self, steps, steps_per_block)
+
+    def budget(self, gen_length: int) -> int:
+        return 0
+
+    def kinds(self) -> list[str]:
+        return ["full", "block"]
+
+    def step_key(self, gen_length: int) -> tuple:
+        return ("dual-cache",)
+
+
+def plan(policy, steps: int, steps_per_block: int | None = None) -> list[str]:
+    """The fixed-schedule plan: kind_at for every step, blocks of steps_per_block (default: one block)."""
+    spb = steps_per_block or steps
+    return [policy.kind_at(n, (n - 1) % spb) for n in range(1, steps + 1)]
+
+
+POLICIES = {"none": NoCache, "dllm-cache": DllmCache, "d2cache": D2Cache, "dual-cache": DualCache}
 
 
 def make_policy(name: str, **params):

@@ -9,6 +9,27 @@ from collections import Counter
 from typing import Callable
 
 
+def run_until_done(kind_at: Callable[[int, int], str], steps: dict[str, Callable[[], None]],
+                   block: Callable[[], int], n_blocks: int, max_steps_per_block: int) -> Counter:
+    """Threshold decoding: the number of steps per block depends on the data. After each step the host
+    reads one value, the device's block counter (the step that empties a block advances it); that is
+    the only read, and it is the price of a data-dependent step count."""
+    kinds: Counter = Counter()
+    n = 0
+    for b in range(n_blocks):
+        for i in range(max_steps_per_block):
+            n += 1
+            kind = kind_at(n, i)
+            steps[kind]()
+            kinds[kind] += 1
+            if block() > b:
+                break
+        else:
+            raise RuntimeError(f"block {b} still has masks after {max_steps_per_block} steps; every threshold "
+                               f"step commits at least one token, so this is a bug")
+    return kinds
+
+
 def run(plan: list[str], steps: dict[str, Callable[[], None]]) -> Counter:
     """Run each step kind of the plan in order; returns how many steps of each kind ran."""
     unknown = set(plan) - set(steps)

@@ -49,7 +49,16 @@ def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor, fresh: torch.T
     conf = torch.where(is_mask, conf, torch.full_like(conf, float("-inf")))
     st.conf.copy_(conf)
     st.p0.copy_(p0)
-    if st.dc.family == "dream" and st.dc.alg == "origin":
+    if st.dc.threshold is not None:   # every row with p(x0) >= threshold, and the best-ranked one
+        take = is_mask & (p0 >= st.dc.threshold)
+        if fresh is not None:
+            take = take & fresh
+        best = conf.argmax(dim=1, keepdim=True)                       # [B, 1]
+        take = take.scatter(1, best, is_mask.gather(1, best))
+        new = torch.where(take, x0, cur)
+        st.commit_pos.copy_(pos.expand_as(take))
+        st.commit_valid.copy_(take)
+    elif st.dc.family == "dream" and st.dc.alg == "origin":
         take = is_mask & (st.unif < st.reveal_prob.index_select(0, st.step))
         new = torch.where(take, x0, cur)
     else:   # top-k with k from the schedule: rank by confidence, keep the first k of the top kmax
@@ -59,6 +68,7 @@ def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor, fresh: torch.T
         st.commit_pos.copy_(pos[idx])
         st.commit_valid.copy_(keep & is_mask.gather(1, idx))
     st.tokens.index_copy_(1, pos, new)
+    st.block.add_((new != cfg.mask_id).all().long())                  # the block is done: move on
     st.step.add_(1)
 
 
@@ -224,6 +234,24 @@ def d2_partial(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache, d2: D2
     rollout_rows(d2)
 
 
+# ---------------------------------------------------------------- Fast-dLLM dual cache
+
+def dual_forward(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache) -> torch.Tensor:
+    """Recompute only the current block's rows (Dream: from the row before the block, whose logits
+    decode its first position) in every layer; prefix and suffix reuse the cache -> stream [B, L, d]."""
+    pos = st.current_block()                                         # [Bl]
+    rows = torch.cat([pos[:1] - 1, pos]) if cfg.shift_logits else pos
+    rows = rows.expand(st.shape.batch, -1)                           # [B, Bl (+1)]
+    x = F.embedding(st.tokens, w.embed)
+    for i in range(cfg.n_layers):
+        x = _rows_layer(w, cfg, i, x, st, cache, rows, fused=True)
+    return x
+
+
+def dual_block(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache) -> None:
+    commit(cfg, st, block_logits(w, cfg, st, dual_forward(w, cfg, st, cache)))
+
+
 def step_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
     """Zero-argument step bodies by kind, bound to one request's buffers: pure tensor code that reads the
     step's random numbers from st.noise / st.unif (refilled before each step) and compiles with
@@ -239,6 +267,8 @@ def step_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None
 def policy_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, policy,
                   d2: D2Buffers | None = None):
     """The step bodies a policy's plan uses, by kind."""
+    if policy.name == "dual-cache":
+        return {"full": lambda: full_refresh(w, cfg, st, cache), "block": lambda: dual_block(w, cfg, st, cache)}
     if policy.name == "d2cache":
         return {"full": lambda: d2_full(w, cfg, st, cache, d2, policy.quasi_l2r),
                 "partial": lambda: d2_partial(w, cfg, st, cache, d2, policy.attn_p, policy.quasi_l2r)}
