@@ -21,13 +21,15 @@ from runtime.policies import make_policy
 
 
 def parse_policy(spec: str):
-    """'none' or 'name:key=val,key=val' -> policy object."""
+    """'none' or 'name:key=val,key=val' -> (label, policy object, generate kwargs); the key
+    'threshold' is a decoding option (threshold decoding), every other key a policy parameter."""
     name, _, rest = spec.partition(":")
     params = {}
     for kv in filter(None, rest.split(",")):
         k, _, v = kv.partition("=")
-        params[k] = float(v) if "." in v else int(v)
-    return spec, make_policy(name, **params)
+        params[k] = True if v == "true" else float(v) if "." in v else int(v)
+    extra = {"threshold": params.pop("threshold")} if "threshold" in params else {}
+    return spec, make_policy(name, **params), extra
 
 
 def random_prompt(cfg, n: int, seed: int = 0) -> list[int]:
@@ -38,6 +40,7 @@ def random_prompt(cfg, n: int, seed: int = 0) -> list[int]:
 
 
 def measure(eng: Engine, prompt: list[int], policy, repeats: int, **kw):
+    """Median seconds of `repeats` generations after one warm-up, and the last generation."""
     eng.generate(prompt, policy=policy, **kw)                       # warm-up (allocation, first-touch)
     runs = [eng.generate(prompt, policy=policy, **kw) for _ in range(repeats)]
     return statistics.median(r.seconds for r in runs), runs[-1]
@@ -52,7 +55,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=None)
     ap.add_argument("--policies", nargs="+", default=["none"],
-                    help="first is the baseline; e.g. none dllm-cache:kp=100,kr=7,rho=0.25")
+                    help="first is the baseline; e.g. none dllm-cache:kp=100,kr=7,rho=0.25 "
+                         "d2cache:k=32,attn_budget=32 dual-cache:threshold=0.9")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="eager", help="eager | compile | cudagraph | compile+cudagraph")
     ap.add_argument("--device", default="cpu")
@@ -72,17 +76,18 @@ def main(argv=None) -> None:
     print(f"# {a.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
           f"P={a.prompt_len} G={a.gen_length} steps={a.steps} block={kw['block_length']} "
           f"device={dev} backend={eng.backend} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
-    print(f"{'policy':<36} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7}  step kinds")
+    print(f"{'policy':<44} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7} {'steps':>6}  step kinds")
     base_s = base_tokens = None
     for spec in a.policies:
-        label, policy = parse_policy(spec)
-        sec, out = measure(eng, prompt, policy, a.repeats, **kw)
+        label, policy, extra = parse_policy(spec)
+        sec, out = measure(eng, prompt, policy, a.repeats, **kw, **extra)
         toks = out.tokens[0]
         if base_s is None:
             base_s, base_tokens = sec, toks
         agree = sum(x == y for x, y in zip(toks, base_tokens)) / len(toks)
         kinds = " ".join(f"{k}={n}" for k, n in out.step_kinds.items())
-        print(f"{label:<36} {sec:>9.3f} {len(toks) / sec:>9.1f} {base_s / sec:>7.2f}x {agree:>7.1%}  {kinds}")
+        print(f"{label:<44} {sec:>9.3f} {len(toks) / sec:>9.1f} {base_s / sec:>7.2f}x {agree:>7.1%} "
+              f"{out.steps:>6}  {kinds}")
 
 
 if __name__ == "__main__":

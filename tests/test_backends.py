@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from graphs import BackendError, backends
-from runtime import DllmCache, Engine, NoCache, RequestError
+from runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
 from runtime.buffers import RequestShape
 from runtime.decoding import DecodeConfig
 from runtime.engine import Bucket
@@ -12,6 +12,7 @@ from runtime.engine import Bucket
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 KW = {"llada": dict(gen_length=16, steps=16, block_length=8), "dream": dict(gen_length=16, steps=16)}
 POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25)]    # kp 5 / kr 3 over 16 steps uses all four kinds
+CUDA_POLICIES = POLICIES + [D2Cache(k=4, attn_budget=3, attn_p=0.5), DualCache()]
 
 
 def _finite_close(a, b, tol):
@@ -105,11 +106,14 @@ def _cuda_pair(tiny_dirs, family, backend):
 def test_cudagraph_replay_is_bit_identical_to_eager(tiny_dirs, family):
     eager, graph = _cuda_pair(tiny_dirs, family, "cudagraph")
     dc = DecodeConfig.make(family)
-    for policy in POLICIES:
+    for policy in CUDA_POLICIES:
         for prompt in PROMPTS:
             a = eager.generate(prompt, prompt_bucket=12, policy=policy, **KW[family])
             b = graph.generate(prompt, prompt_bucket=12, policy=policy, **KW[family])
             assert a.tokens == b.tokens
+            t = eager.generate(prompt, prompt_bucket=12, policy=policy, threshold=0.2, **KW[family])
+            assert graph.generate(prompt, prompt_bucket=12, policy=policy, threshold=0.2, **KW[family]).tokens \
+                == t.tokens
             shape = RequestShape(1, 12, 16, KW[family].get("block_length", 16), 16)
             if policy.uses_cache:
                 for name, t in eager.cache_for(shape).tensors().items():
@@ -120,7 +124,7 @@ def test_cudagraph_replay_is_bit_identical_to_eager(tiny_dirs, family):
 @pytest.mark.cuda
 def test_compile_cudagraph_matches_eager_tokens(tiny_dirs):
     eager, graph = _cuda_pair(tiny_dirs, "llada", "compile+cudagraph")
-    for policy in POLICIES:
+    for policy in CUDA_POLICIES:
         for prompt in PROMPTS:
             assert graph.generate(prompt, prompt_bucket=12, policy=policy, **KW["llada"]).tokens == \
                 eager.generate(prompt, prompt_bucket=12, policy=policy, **KW["llada"]).tokens

@@ -4,11 +4,14 @@ from perf import e2e, steps
 
 def test_e2e_prints_a_row_per_policy(capsys):
     e2e.main(["--preset", "tiny", "--prompt-len", "12", "--gen-length", "16", "--steps", "16", "--block-length", "8",
-              "--repeats", "1", "--policies", "none", "dllm-cache:kp=1,kr=1,rho=0.25", "dllm-cache:kp=4,kr=2,rho=0.5"])
+              "--repeats", "1", "--policies", "none", "dllm-cache:kp=1,kr=1,rho=0.25", "dllm-cache:kp=4,kr=2,rho=0.5",
+              "d2cache:k=4,attn_budget=4", "dual-cache:threshold=0.5"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("# llada preset=tiny") and "P=12 G=16" in lines[0]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
-    assert set(rows) == {"none", "dllm-cache:kp=1,kr=1,rho=0.25", "dllm-cache:kp=4,kr=2,rho=0.5"}
+    assert set(rows) == {"none", "dllm-cache:kp=1,kr=1,rho=0.25", "dllm-cache:kp=4,kr=2,rho=0.5",
+                         "d2cache:k=4,attn_budget=4", "dual-cache:threshold=0.5"}
+    assert "block=" in " ".join(rows["dual-cache:threshold=0.5"])
     assert rows["dllm-cache:kp=1,kr=1,rho=0.25"][4] == "100.0%"      # refresh every step: NoCache's tokens
     assert "partial=8" in " ".join(rows["dllm-cache:kp=4,kr=2,rho=0.5"])
 
