@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from runtime import D2Cache, Engine, NoCache, RequestError, make_policy
+from runtime import D2Cache, Engine, RequestError, make_policy
 from runtime.buffers import Cache, D2Buffers, RequestShape, StepState
 from runtime.decoding import DecodeConfig
 from runtime.selectors import certainty_density, d2_select, dedupe, nucleus, rollout_full, rollout_rows, row_mask
@@ -183,14 +183,31 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
             engines[family].generate(prompt, prompt_bucket=12, policy=pol, **kw).tokens
 
 
+def _commit_distances(eng, prompt, quasi):
+    """Distance of each step's commit to the nearest known position (prompt side counts as known)."""
+    pol = D2Cache(k=16, attn_budget=0, sigma=1.0, quasi_l2r=quasi)
+    st, cache, d2 = _state(eng, pol, prompt, G=16)
+    P, dist = st.shape.prompt_bucket, []
+    with torch.inference_mode():
+        for i in range(16):
+            known = (st.tokens[0, P:] != eng.cfg.mask_id).tolist()
+            if i == 0:
+                d2_full(eng.weights, eng.cfg, st, cache, d2, quasi)
+            else:
+                d2_partial(eng.weights, eng.cfg, st, cache, d2, None, quasi)
+            new = [j for j, k in enumerate((st.tokens[0, P:] != eng.cfg.mask_id).tolist()) if k and not known[j]]
+            for j in new:
+                dist.append(min([j + 1] + [abs(j - q) for q, k in enumerate(known) if k]))
+    return dist
+
+
 def test_quasi_l2r_decodes_near_the_frontier(engines):
-    # with the density prior, one token per step and one block, commits stay near decoded text
+    # sigma 1: the density prior makes each commit land next to decoded text (or the prompt)
     eng = engines["llada"]
-    out = eng.generate(PROMPTS[0], gen_length=16, steps=16, policy=D2Cache(k=16, attn_budget=0, sigma=1.0,
-                                                                        quasi_l2r=True))
-    assert eng.cfg.mask_id not in out.tokens[0]
-    st = eng.state_for(RequestShape(1, 7, 16, 16, 16), DecodeConfig.make("llada"))
-    assert st.step.item() == 16
+    for prompt in PROMPTS:
+        near, free = _commit_distances(eng, prompt, True), _commit_distances(eng, prompt, False)
+        assert len(near) == len(free) == 16
+        assert max(near) == 1 and sum(near) < sum(free)
 
 
 @pytest.mark.parametrize("params,msg", [(dict(k=0), "k must be an integer >= 1"),
