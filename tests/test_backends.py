@@ -77,7 +77,7 @@ def test_buckets_are_prepared_once_and_reused(tiny_dirs):
         eng.generate(PROMPTS[0], policy=DllmCache(), **KW["llada"])   # prepared for NoCache only
 
 
-def test_on_demand_capture_is_reported(tiny_dirs, engines):
+def test_on_demand_capture_serves_unprepared_shapes(tiny_dirs, engines):
     eng = Engine.from_pretrained(tiny_dirs["dream"], backend="eager", buckets=[Bucket(12, 16, 16)],
                                  capture_on_demand=True)
     assert eng.generate(PROMPTS[1], gen_length=8, steps=8).tokens == \
