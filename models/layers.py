@@ -56,21 +56,22 @@ def qkv(w: Weights, cfg: ModelConfig, i: int, xn: torch.Tensor):
     return q, k, v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, gqa: bool) -> torch.Tensor:
     """q [B, H, S, hd] over k, v [B, Hkv, L, hd]; key_mask [B, 1, 1, L] bool (True = real key) -> [B, S, H*hd].
 
-    Bidirectional; only keys are masked, so no query row is ever fully masked."""
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=q.shape[1] != k.shape[1])
+    Bidirectional; only keys are masked, so no query row is ever fully masked. gqa (H != Hkv) comes
+    from the config, not from tensor shapes, so the call traces and exports as a constant."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)
     B, H, S, hd = o.shape
     return o.transpose(1, 2).reshape(B, S, H * hd)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Head-averaged attention probabilities of the query rows: q [B, H, S, hd], k [B, Hkv, L, hd],
     key_mask [B, 1, 1, L] -> [B, S, L] fp32 (for attention rollout; outputs still come from SDPA)."""
-    g = q.shape[1] // k.shape[1]
+    g = cfg.n_heads // cfg.n_kv_heads
     kf = k.float().repeat_interleave(g, dim=1) if g > 1 else k.float()
-    scores = (q.float() @ kf.transpose(-1, -2)) * q.shape[-1] ** -0.5          # [B, H, S, L]
+    scores = (q.float() @ kf.transpose(-1, -2)) * cfg.head_dim ** -0.5          # [B, H, S, L]
     scores = scores.masked_fill(~key_mask, float("-inf"))
     return scores.softmax(-1).mean(1)
 
@@ -96,8 +97,8 @@ def block(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos, sin, key_m
     q, k, v = qkv(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))
     q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
     if probs_out is not None:
-        probs_out.copy_(attention_probs(q, k, key_mask))
-    a = attn_out(w, i, attention(q, k, v, key_mask))
+        probs_out.copy_(attention_probs(q, k, key_mask, cfg))
+    a = attn_out(w, i, attention(q, k, v, key_mask, cfg.n_heads != cfg.n_kv_heads))
     m = ffn(w, cfg, i, x + a)
     return a, m, k, v
 

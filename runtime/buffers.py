@@ -98,14 +98,21 @@ class StepState:
         B, P = self.shape.batch, self.shape.prompt_bucket
         if len(prompts) != B:
             raise RequestError(f"{len(prompts)} prompts for a state of batch {B}")
-        canvas = torch.full((B, self.shape.length), cfg.mask_id, dtype=torch.int64)
+        padded = torch.full((B, P), cfg.pad_id, dtype=torch.int64)
         n_pad = torch.empty(B, dtype=torch.int64)
         for b, ids in enumerate(prompts):
             pad = P - len(ids)
             n_pad[b] = pad
-            canvas[b, :pad] = cfg.pad_id
-            canvas[b, pad:P] = torch.tensor(ids, dtype=torch.int64)
-        self.tokens.copy_(canvas)
+            padded[b, pad:] = torch.tensor(ids, dtype=torch.int64)
+        self.load(cfg, padded.to(self.tokens.device), n_pad.to(self.tokens.device))
+        self.generator.manual_seed(seed)
+
+    def load(self, cfg: ModelConfig, padded: torch.Tensor, n_pad: torch.Tensor) -> None:
+        """Tensor-only part of fill (traceable, so exported packages can load requests):
+        padded [B, P] left-padded prompts, n_pad [B] pads per prompt."""
+        P = self.shape.prompt_bucket
+        self.tokens[:, :P].copy_(padded)
+        self.tokens[:, P:].fill_(cfg.mask_id)
         self.n_pad.copy_(n_pad)
         positions, key_mask = positions_and_mask(self.tokens, self.n_pad)
         cos, sin = rope_tables(positions, cfg)
@@ -116,7 +123,6 @@ class StepState:
         self.block.zero_()
         self.conf.zero_()
         self.commit_valid.zero_()
-        self.generator.manual_seed(seed)
 
     def current_block(self) -> torch.Tensor:
         """Canvas positions [Bl] of the block the current step works on (device-side lookup)."""

@@ -159,8 +159,8 @@ def _rows_layer(w, cfg, i, x, st: StepState, cache: Cache, rows: torch.Tensor, n
     if n_prompt:
         cache.v[i, :, :, :P].copy_(_response_v(w, cfg, i, n[:, :n_prompt]))   # same V slice, prompt rows
     if probs_out is not None:
-        probs_out.copy_(attention_probs(q, cache.k[i], st.key_mask))
-    a = attn_out(w, i, attention(q, cache.k[i], cache.v[i], st.key_mask))   # [B, S, d]
+        probs_out.copy_(attention_probs(q, cache.k[i], st.key_mask, cfg))
+    a = attn_out(w, i, attention(q, cache.k[i], cache.v[i], st.key_mask, cfg.n_heads != cfg.n_kv_heads))
     cache.a[i].scatter_(1, rows_d, a)
     h = x + cache.a[i]
     cache.m[i].scatter_(1, rows_d, ffn(w, cfg, i, h.gather(1, rows_d)))

@@ -1,0 +1,131 @@
+"""Export the step functions of one request shape as a self-contained package (DESIGN.md §7).
+
+    dllm export --model DIR --out PKG --prompt-bucket 64 --gen-length 128 --steps 128 --block-length 32
+                [--policy none|dllm-cache|d2cache|dual-cache ...] [--dtype ...] [--device ...]
+
+PKG/steps.pt is one TorchScript module whose buffers are the weights and every piece of step state
+(canvas, schedules, caches, selector scratch). Its methods share those buffers: `fill(prompt [1, P],
+n_pad [1])` loads a left-padded prompt, and one method per step kind (`full`, `partial`, ...) runs that
+step in place. PKG/plan.json carries the shapes, ids and the step plan, so a host (graphs/cpp/dllm_run)
+needs no Python: fill, call the plan's methods in order, read the `st_tokens` buffer.
+
+The cache buffers live inside the module (not passed in) so a C++ host cannot get the aliasing wrong
+and every method sees the same state; the cost is one package per shape. Greedy decoding only: the
+sampling noise comes from a torch.Generator, which a traced graph cannot carry.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from runtime.buffers import Cache, D2Buffers, RequestShape, StepState
+from runtime.decoding import DecodeConfig, RequestError
+from runtime.steps import policy_bodies
+
+FORMATS = ("torchscript",)
+
+
+def _tensors(prefix: str, obj) -> dict[str, torch.Tensor]:
+    return {f"{prefix}_{f.name}": getattr(obj, f.name) for f in fields(obj)
+            if isinstance(getattr(obj, f.name), torch.Tensor)}
+
+
+def _step_module(tensors: dict[str, torch.Tensor], methods: dict) -> torch.nn.Module:
+    """An nn.Module whose buffers are exactly `tensors` (the same objects the step closures use, so
+    tracing records buffer accesses) and whose methods run the given zero-argument functions."""
+    def method(fn):
+        def run(self, *args):
+            fn(*args)
+            return self.st_step
+        return run
+    cls = type("DllmSteps", (torch.nn.Module,), {name: method(fn) for name, fn in methods.items()})
+    mod = cls()
+    for name, t in tensors.items():
+        mod.register_buffer(name, t)
+    return mod
+
+
+def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, steps: int,
+           block_length: int | None = None, policy=None, remasking=None, alg=None,
+           fmt: str = "torchscript") -> dict:
+    """Write PKG/steps.pt and PKG/plan.json for one request shape; returns the plan."""
+    from runtime.policies import NoCache
+    if fmt not in FORMATS:
+        raise RequestError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    cfg, policy = engine.cfg, policy or NoCache()
+    dc = DecodeConfig.make(cfg.family, remasking, alg)
+    if dc.random_per_row:
+        raise RequestError("exported packages decode greedily; 'random' remasking and Dream's 'origin' alg "
+                           "need a random generator the package cannot carry")
+    shape = RequestShape(1, prompt_bucket, gen_length, block_length or gen_length, steps)
+    engine._check_shape(shape)
+    dev = engine.device
+    st = StepState.allocate(cfg, shape, dc, dev)
+    cache = Cache.allocate(cfg, shape, dev, engine.dtype) if policy.uses_cache else None
+    d2 = (D2Buffers.allocate(cfg, shape, policy.k, policy.sigma, policy.attn_budget, st.kmax, dev)
+          if policy.name == "d2cache" else None)
+    plan = policy.plan(steps, steps // shape.n_blocks)
+    bodies = policy_bodies(engine.weights, cfg, st, cache, policy, d2)
+
+    def fill(padded, n_pad):
+        st.load(cfg, padded, n_pad)
+        if d2 is not None:
+            d2.reset()
+    tensors = {**_tensors("w", engine.weights), **_tensors("st", st)}
+    if cache is not None:
+        tensors.update(_tensors("cache", cache))
+    if d2 is not None:
+        tensors.update(_tensors("d2", d2))
+    kinds = sorted(set(plan))
+    mod = _step_module(tensors, {"fill": fill, **{k: (lambda b: lambda _dummy: b())(bodies[k]) for k in kinds}})
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(1, device=dev)
+    padded = torch.full((1, prompt_bucket), cfg.pad_id, dtype=torch.int64, device=dev)
+    n_pad = torch.tensor([prompt_bucket - 1], device=dev)
+    padded[0, -1] = 3 if cfg.mask_id != 3 else 4
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # TorchScript is deprecated in torch >= 2.11 and says so per call
+        traced = torch.jit.trace_module(mod, {"fill": (padded, n_pad), **{k: (dummy,) for k in kinds}},
+                                        check_trace=False)
+        traced.save(str(out / "steps.pt"))
+    info = {
+        "format": fmt, "family": cfg.family, "batch": 1, "prompt_bucket": prompt_bucket,
+        "gen_length": gen_length, "block_length": shape.block_length, "steps": steps,
+        "vocab_size": cfg.vocab_size, "mask_id": cfg.mask_id, "pad_id": cfg.pad_id,
+        "dtype": str(engine.dtype).replace("torch.", ""), "device": dev.type,
+        "policy": {"name": policy.name, **{f.name: getattr(policy, f.name) for f in fields(policy)}},
+        "decoding": {"remasking": dc.remasking if cfg.family == "llada" else None,
+                     "alg": dc.alg if cfg.family == "dream" else None},
+        "kinds": kinds, "plan": plan, "tokens_buffer": "st_tokens", "export_seconds": time.perf_counter() - t0,
+    }
+    (out / "plan.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def load(pkg: str | Path):
+    """(module, plan) of a package, for running it from Python."""
+    pkg = Path(pkg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(pkg / "steps.pt")), json.loads((pkg / "plan.json").read_text())
+
+
+def run(mod, plan: dict, prompt: list[int]) -> list[int]:
+    """Generate with a loaded package from Python (the C++ runner does the same)."""
+    P = plan["prompt_bucket"]
+    padded = torch.full((1, P), plan["pad_id"], dtype=torch.int64)
+    padded[0, P - len(prompt):] = torch.tensor(prompt)
+    dummy = torch.zeros(1)
+    with torch.no_grad():
+        mod.fill(padded, torch.tensor([P - len(prompt)]))
+        for kind in plan["plan"]:
+            getattr(mod, kind)(dummy)
+        return mod.st_tokens[0, P:].tolist()
