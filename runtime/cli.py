@@ -22,6 +22,8 @@ from .decoding import DREAM_ALGS, LLADA_REMASKING, RequestError
 from .engine import DTYPES
 from .policies import POLICIES, make_policy
 
+EXPORT_FORMATS = ("torchscript",)
+
 
 def _ids(text: str) -> list[int]:
     try:
@@ -33,32 +35,7 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dllm", description="Static-shape inference for diffusion LMs "
-                                                          "(LLaDA, Dream).")
-    sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="denoise a response for one prompt")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
-    src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated")
-    g.add_argument("--gen-length", type=int, required=True, help="response length G")
-    g.add_argument("--steps", type=int, required=True, help="denoising steps (a multiple of the block count)")
-    g.add_argument("--block-length", type=int, default=None,
-                   help="semi-autoregressive block length (divides G; default G, a single block)")
-    g.add_argument("--prompt-bucket", type=int, default=None,
-                   help="left-pad the prompt to this length (default: the prompt's own length)")
-    g.add_argument("--remasking", choices=LLADA_REMASKING, default=None, help="LLaDA (default low_confidence)")
-    g.add_argument("--alg", choices=DREAM_ALGS, default=None, help="Dream (default entropy)")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=None, help="Dream")
-    g.add_argument("--top-k", type=int, default=None, help="Dream")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    g.add_argument("--chat", action="store_true", help="wrap --prompt in the folder's chat template")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
+def _policy_args(g) -> None:
     g.add_argument("--policy", choices=list(POLICIES), default="none",
                    help="cache policy: none (full refresh every step), dllm-cache, d2cache or dual-cache")
     g.add_argument("--kp", type=int, default=100, help="dllm-cache: refresh the prompt every kp steps")
@@ -72,6 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="d2cache: also mask rollout picks beyond this top-p nucleus (reference: 0.1)")
     g.add_argument("--quasi-l2r", action="store_true",
                    help="d2cache: rank commits by confidence x certainty density (quasi left-to-right)")
+
+
+def _policy(a):
+    params = {"none": {}, "dllm-cache": dict(kp=a.kp, kr=a.kr, rho=a.rho),
+              "d2cache": dict(k=a.k, sigma=a.sigma, attn_budget=a.attn_budget, attn_p=a.attn_p,
+                              quasi_l2r=a.quasi_l2r), "dual-cache": {}}[a.policy]
+    return make_policy(a.policy, **params)
+
+
+def _model_args(g) -> None:
+    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--remasking", choices=LLADA_REMASKING, default=None, help="LLaDA (default low_confidence)")
+    g.add_argument("--alg", choices=DREAM_ALGS, default=None, help="Dream (default entropy)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dllm", description="Static-shape inference for diffusion LMs "
+                                                          "(LLaDA, Dream).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="denoise a response for one prompt")
+    _model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
+    src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated")
+    g.add_argument("--gen-length", type=int, required=True, help="response length G")
+    g.add_argument("--steps", type=int, required=True, help="denoising steps (a multiple of the block count)")
+    g.add_argument("--block-length", type=int, default=None,
+                   help="semi-autoregressive block length (divides G; default G, a single block)")
+    g.add_argument("--prompt-bucket", type=int, default=None,
+                   help="left-pad the prompt to this length (default: the prompt's own length)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=None, help="Dream")
+    g.add_argument("--top-k", type=int, default=None, help="Dream")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap --prompt in the folder's chat template")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
+    _policy_args(g)
     g.add_argument("--threshold", type=float, default=None,
                    help="commit every masked block token with p >= threshold (at least one) per step; the "
                         "step count then depends on the data")
@@ -79,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how steps run (default: the fastest on the device for cached plans: eager on "
                         "CPU, compile+cudagraph on CUDA)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    e = sub.add_parser("export", help="write the step modules of one shape as a package a C++ host runs")
+    _model_args(e)
+    e.add_argument("--out", required=True, help="package folder to write (steps.pt + plan.json)")
+    e.add_argument("--format", choices=list(EXPORT_FORMATS), default="torchscript")
+    e.add_argument("--prompt-bucket", type=int, default=64, help="longest prompt the package accepts")
+    e.add_argument("--gen-length", type=int, default=64)
+    e.add_argument("--steps", type=int, default=64)
+    e.add_argument("--block-length", type=int, default=None)
+    _policy_args(e)
     return ap
 
 
@@ -86,10 +113,7 @@ def cmd_generate(a) -> int:
     from .engine import Engine
     if a.chat and a.prompt is None:
         raise RequestError("--chat applies a chat template to --prompt text; it cannot wrap --prompt-ids")
-    params = {"none": {}, "dllm-cache": dict(kp=a.kp, kr=a.kr, rho=a.rho),
-              "d2cache": dict(k=a.k, sigma=a.sigma, attn_budget=a.attn_budget, attn_p=a.attn_p,
-                              quasi_l2r=a.quasi_l2r), "dual-cache": {}}[a.policy]
-    policy = make_policy(a.policy, **params)
+    policy = _policy(a)
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
                                  backend=a.backend)
     out = eng.generate(a.prompt if a.prompt is not None else a.prompt_ids, gen_length=a.gen_length,
@@ -108,10 +132,21 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from graphs.export import export
+    from .engine import Engine
+    eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, backend="eager")
+    info = export(eng, a.out, prompt_bucket=a.prompt_bucket, gen_length=a.gen_length, steps=a.steps,
+                  block_length=a.block_length, policy=_policy(a), remasking=a.remasking, alg=a.alg, fmt=a.format)
+    print(f"wrote {a.out}: {info['format']} {info['family']} prompt<={info['prompt_bucket']} gen {info['gen_length']} "
+          f"steps {info['steps']} policy {info['policy']['name']} kinds {', '.join(info['kinds'])}")
+    return 0
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return cmd_generate(a)
+        return cmd_export(a) if a.command == "export" else cmd_generate(a)
     except (CheckpointError, RequestError, BackendError) as e:
         print(f"dllm: error: {e}", file=sys.stderr)
         return 2
