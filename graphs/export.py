@@ -12,22 +12,33 @@ needs no Python: fill, call the plan's methods in order, read the `st_tokens` bu
 The cache buffers live inside the module (not passed in) so a C++ host cannot get the aliasing wrong
 and every method sees the same state; the cost is one package per shape. Greedy decoding only: the
 sampling noise comes from a torch.Generator, which a traced graph cannot carry.
+
+--format aoti writes the modern equivalent (TorchScript is deprecated since torch 2.11): PKG/aoti/
+<kind>.pt2, one torch.export + AOTInductor package per step kind plus fill.pt2. AOTI packages cannot
+share buffers, so there the state is the *input*: every program takes all state tensors (listed with
+shape and dtype in PKG/state.txt) and updates them in place; the host allocates them once, zeroed, and
+passes the same tensors to every call. fill also writes the static ones (schedules, kernels). The
+weights are constants inside each program (one copy per step kind: fine for CPU-sized models).
 """
 from __future__ import annotations
 
 import json
 import time
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
+from models.checkpoint import Weights
 from runtime.buffers import Cache, D2Buffers, RequestShape, StepState
 from runtime.decoding import DecodeConfig, RequestError
 from runtime.steps import policy_bodies
 
-FORMATS = ("torchscript",)
+FORMATS = ("torchscript", "aoti")
+# State tensors no step writes: fill (re)writes them from the export-time values in the aoti format.
+STATIC = ("st_counts", "st_reveal_prob", "st_block_pos", "st_k_range", "cache_prompt_rows", "cache_resp_rows",
+          "d2_kernel", "d2_left", "d2_right")
 
 
 def _tensors(prefix: str, obj) -> dict[str, torch.Tensor]:
@@ -48,6 +59,62 @@ def _step_module(tensors: dict[str, torch.Tensor], methods: dict) -> torch.nn.Mo
     for name, t in tensors.items():
         mod.register_buffer(name, t)
     return mod
+
+
+def _rebind(obj, prefix: str, tensors: dict):
+    """A copy of a buffers dataclass whose tensors are the given ones (by '<prefix>_<field>')."""
+    if obj is None:
+        return None
+    return replace(obj, **{f.name: tensors[f"{prefix}_{f.name}"] for f in fields(obj)
+                           if f"{prefix}_{f.name}" in tensors})
+
+
+class _AotiProgram(torch.nn.Module):
+    """forward(*extra, *state): runs one step kind (or fill) on state tensors passed in by the host."""
+
+    def __init__(self, engine, policy, kind, st, cache, d2, names):
+        super().__init__()
+        self.engine_cfg, self.policy, self.kind, self.names = engine.cfg, policy, kind, names
+        self.templates = (st, cache, d2)
+        for name, t in _tensors("w", engine.weights).items():
+            self.register_buffer(name, t)
+        if kind == "fill":
+            state = {**_tensors("st", st), **(_tensors("cache", cache) if cache else {}),
+                     **(_tensors("d2", d2) if d2 else {})}
+            for name in STATIC:
+                if name in state:
+                    self.register_buffer("init_" + name, state[name].clone())
+
+    def forward(self, *args):
+        extra = 2 if self.kind == "fill" else 0
+        tensors = dict(zip(self.names, args[extra:]))
+        st, cache, d2 = (_rebind(o, p, tensors) for o, p in zip(self.templates, ("st", "cache", "d2")))
+        if self.kind == "fill":
+            for name in STATIC:
+                if name in tensors:
+                    tensors[name].copy_(getattr(self, "init_" + name))
+            st.load(self.engine_cfg, args[0], args[1])
+            if d2 is not None:
+                d2.reset()
+        else:
+            w = Weights(**{f.name: getattr(self, "w_" + f.name, None) for f in fields(Weights)})
+            policy_bodies(w, self.engine_cfg, st, cache, self.policy, d2)[self.kind]()
+        return (tensors["st_step"] + 0,)
+
+
+def _export_aoti(engine, policy, kinds, st, cache, d2, state, out: Path, padded, n_pad) -> None:
+    from torch._inductor import aoti_compile_and_package
+    names = list(state)
+    (out / "aoti").mkdir(exist_ok=True)
+    lines = [f"{n} {str(t.dtype).replace('torch.', '')} {' '.join(map(str, t.shape))}" for n, t in state.items()]
+    (out / "state.txt").write_text("\n".join(lines) + "\n")
+    for kind in ["fill", *kinds]:
+        prog = _AotiProgram(engine, policy, kind, st, cache, d2, names)
+        inputs = tuple(state[n] for n in names)
+        args = (padded, n_pad, *inputs) if kind == "fill" else inputs
+        ep = torch.export.export(prog, args, strict=False)
+        aoti_compile_and_package(ep, package_path=str(out / "aoti" / f"{kind}.pt2"))
+        prog(*args)                          # leave the state as after this kind, like a run would
 
 
 def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, steps: int,
@@ -93,9 +160,13 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
     t0 = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")       # TorchScript is deprecated in torch >= 2.11 and says so per call
-        traced = torch.jit.trace_module(mod, {"fill": (padded, n_pad), **{k: (dummy,) for k in kinds}},
-                                        check_trace=False)
-        traced.save(str(out / "steps.pt"))
+        if fmt == "aoti":
+            state = {n: t for n, t in tensors.items() if not n.startswith("w_")}
+            _export_aoti(engine, policy, kinds, st, cache, d2, state, out, padded, n_pad)
+        else:
+            traced = torch.jit.trace_module(mod, {"fill": (padded, n_pad), **{k: (dummy,) for k in kinds}},
+                                            check_trace=False)
+            traced.save(str(out / "steps.pt"))
     info = {
         "format": fmt, "family": cfg.family, "batch": 1, "prompt_bucket": prompt_bucket,
         "gen_length": gen_length, "block_length": shape.block_length, "steps": steps,
@@ -105,17 +176,29 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
         "decoding": {"remasking": dc.remasking if cfg.family == "llada" else None,
                      "alg": dc.alg if cfg.family == "dream" else None},
         "kinds": kinds, "plan": plan, "tokens_buffer": "st_tokens", "export_seconds": time.perf_counter() - t0,
+        "state_names": [n for n in tensors if not n.startswith("w_")] if fmt == "aoti" else None,
     }
     (out / "plan.json").write_text(json.dumps(info, indent=1))
     return info
 
 
 def load(pkg: str | Path):
-    """(module, plan) of a package, for running it from Python."""
+    """(runnable, plan) of a package, for running it from Python."""
     pkg = Path(pkg)
+    plan = json.loads((pkg / "plan.json").read_text())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.jit.load(str(pkg / "steps.pt")), json.loads((pkg / "plan.json").read_text())
+        if plan["format"] == "torchscript":
+            return torch.jit.load(str(pkg / "steps.pt")), plan
+        from torch._inductor import aoti_load_package
+        progs = {k: aoti_load_package(str(pkg / "aoti" / f"{k}.pt2")) for k in ["fill", *plan["kinds"]]}
+        dtypes = {"int64": torch.int64, "float32": torch.float32, "bool": torch.bool,
+                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+        state = []
+        for line in (pkg / "state.txt").read_text().splitlines():
+            name, dtype, *dims = line.split()
+            state.append(torch.zeros([int(x) for x in dims], dtype=dtypes[dtype]))
+        return (progs, state), plan
 
 
 def run(mod, plan: dict, prompt: list[int]) -> list[int]:
@@ -123,9 +206,16 @@ def run(mod, plan: dict, prompt: list[int]) -> list[int]:
     P = plan["prompt_bucket"]
     padded = torch.full((1, P), plan["pad_id"], dtype=torch.int64)
     padded[0, P - len(prompt):] = torch.tensor(prompt)
-    dummy = torch.zeros(1)
+    n_pad = torch.tensor([P - len(prompt)])
     with torch.no_grad():
-        mod.fill(padded, torch.tensor([P - len(prompt)]))
+        if plan["format"] == "aoti":
+            progs, state = mod
+            progs["fill"](padded, n_pad, *state)
+            for kind in plan["plan"]:
+                progs[kind](*state)
+            return state[plan["state_names"].index("st_tokens")][0, P:].tolist()
+        dummy = torch.zeros(1)
+        mod.fill(padded, n_pad)
         for kind in plan["plan"]:
             getattr(mod, kind)(dummy)
         return mod.st_tokens[0, P:].tolist()

@@ -22,7 +22,7 @@ from .decoding import DREAM_ALGS, LLADA_REMASKING, RequestError
 from .engine import DTYPES
 from .policies import POLICIES, make_policy
 
-EXPORT_FORMATS = ("torchscript",)
+EXPORT_FORMATS = ("torchscript", "aoti")
 
 
 def _ids(text: str) -> list[int]:

@@ -96,3 +96,36 @@ def test_cli_export(tiny_dirs, tmp_path, engines):
     assert "wrote" in res.stdout and "policy dllm-cache" in res.stdout
     mod, plan = ex.load(out)
     assert ex.run(mod, plan, PROMPTS[0]) == _expected(engines, "dream", DllmCache(kp=5, kr=3), PROMPTS[0])
+
+
+# ---------------------------------------------------------------- AOTInductor packages (torch.export)
+# kp 100 / kr 3 over 16 steps uses full, partial and response_refresh: 4 programs with fill, ~10 s each
+
+AOTI_POLICIES = [NoCache(), DllmCache(kp=100, kr=3, rho=0.25)]
+
+
+@pytest.fixture(scope="module")
+def aoti_packages(engines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("aoti")
+    out = {}
+    for f in ("llada", "dream"):
+        for p in AOTI_POLICIES:
+            pkg = root / f"{f}-{p.name}"
+            ex.export(engines[f], pkg, policy=p, fmt="aoti", **SHAPE)
+            out[(f, p.name)] = pkg
+    return out
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("policy", AOTI_POLICIES, ids=lambda p: p.name)
+def test_aoti_package_round_trip(runner, engines, aoti_packages, family, policy):
+    pkg = aoti_packages[(family, policy.name)]
+    assert sorted(p.name for p in (pkg / "aoti").iterdir()) == sorted(f"{k}.pt2" for k in
+                                                                      ["fill", *set(policy.plan(16, 8))])
+    progs, plan = ex.load(pkg)
+    for prompt in PROMPTS:
+        want = _expected(engines, family, policy, prompt)
+        assert ex.run(progs, plan, prompt) == want                          # from Python
+        res = subprocess.run([str(runner), str(pkg), ",".join(map(str, prompt))], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr                              # from C++
+        assert [int(t) for t in res.stdout.strip().split(",")] == want and "aoti, 16 steps" in res.stderr

@@ -1,14 +1,21 @@
 // dllm_run PKG 1,2,3 [--repeat N]
 //
-// Loads PKG/steps.pt (one TorchScript module: weights and all step state as buffers, a `fill` method
-// and one method per step kind) and PKG/plan.json (shapes, ids, the step plan), then does what the
-// Python scheduler does: left-pad the prompt into the bucket, fill, call the plan's step methods in
-// order, read the canvas. Prints the response ids on stdout and timing on stderr. No Python involved.
+// Loads a package written by `dllm export` and does what the Python scheduler does: left-pad the
+// prompt into the bucket, fill, run the plan's step kinds in order, read the canvas. Prints the
+// response ids on stdout and timing on stderr. No Python involved. Two formats (plan.json "format"):
+//   torchscript  PKG/steps.pt: one module, weights and all step state as buffers, a `fill` method and
+//                one method per step kind (TorchScript is deprecated since torch 2.11 but still works).
+//   aoti         PKG/aoti/<kind>.pt2: one AOTInductor package per step kind plus fill; the runner owns
+//                the state tensors (PKG/state.txt: name, dtype, shape) and passes the same ones to
+//                every program, which updates them in place.
 //
 // CUDA graphs: this runner replays the TorchScript methods as they are. A package exported for CUDA
 // runs on the GPU, but capturing its steps with at::cuda::CUDAGraph needs a CUDA build of libtorch,
 // and the project has had no GPU to test that path on, so it is not compiled in; the runner says so.
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
+
+#include <map>
 
 #include <algorithm>
 #include <chrono>
@@ -81,6 +88,78 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// The step programs of a package behind one interface: fill(padded, n_pad), step(kind), tokens().
+struct Package {
+  virtual ~Package() = default;
+  virtual void fill(const at::Tensor& padded, const at::Tensor& n_pad) = 0;
+  virtual void step(size_t i) = 0;             // the i-th kind of `kinds`
+  virtual at::Tensor tokens() = 0;
+  virtual at::Device device() = 0;
+};
+
+struct ScriptPackage : Package {
+  torch::jit::Module mod;
+  std::vector<torch::jit::Method> methods;
+  at::Tensor dummy;
+  ScriptPackage(const std::string& pkg, const std::vector<std::string>& kinds) {
+    try {
+      mod = torch::jit::load(pkg + "/steps.pt");
+    } catch (const c10::Error& e) {
+      fail("cannot load " + pkg + "/steps.pt: " + e.what_without_backtrace());
+    }
+    for (const auto& k : kinds) methods.push_back(mod.get_method(k));
+    dummy = torch::zeros({1}, torch::TensorOptions().device(device()));
+  }
+  void fill(const at::Tensor& padded, const at::Tensor& n_pad) override {
+    mod.get_method("fill")({padded, n_pad});
+  }
+  void step(size_t i) override { methods[i]({dummy}); }
+  at::Tensor tokens() override { return mod.attr("st_tokens").toTensor(); }
+  at::Device device() override { return mod.attr("st_tokens").toTensor().device(); }
+};
+
+struct AotiPackage : Package {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> fill_prog;
+  std::vector<std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> progs;
+  std::vector<at::Tensor> state;
+  size_t tokens_index = 0;
+  AotiPackage(const std::string& pkg, const std::vector<std::string>& kinds) {
+    std::ifstream f(pkg + "/state.txt");
+    if (!f) fail("cannot read " + pkg + "/state.txt; the aoti package is incomplete, export it again");
+    static const std::map<std::string, at::ScalarType> dtypes = {
+        {"int64", at::kLong}, {"float32", at::kFloat}, {"bool", at::kBool}, {"bfloat16", at::kBFloat16},
+        {"float16", at::kHalf}};
+    std::string line;
+    while (std::getline(f, line)) {
+      std::stringstream ss(line);
+      std::string name, dtype;
+      ss >> name >> dtype;
+      std::vector<int64_t> shape;
+      for (int64_t d; ss >> d;) shape.push_back(d);
+      if (!dtypes.count(dtype)) fail("state.txt: unknown dtype " + dtype);
+      if (name == "st_tokens") tokens_index = state.size();
+      state.push_back(torch::zeros(shape, dtypes.at(dtype)));
+    }
+    auto load = [&](const std::string& kind) {
+      try {
+        return std::make_unique<torch::inductor::AOTIModelPackageLoader>(pkg + "/aoti/" + kind + ".pt2");
+      } catch (const std::exception& e) {
+        fail("cannot load " + pkg + "/aoti/" + kind + ".pt2: " + e.what());
+      }
+    };
+    fill_prog = load("fill");
+    for (const auto& k : kinds) progs.push_back(load(k));
+  }
+  void fill(const at::Tensor& padded, const at::Tensor& n_pad) override {
+    std::vector<at::Tensor> in = {padded, n_pad};
+    in.insert(in.end(), state.begin(), state.end());
+    fill_prog->run(in);
+  }
+  void step(size_t i) override { progs[i]->run(state); }
+  at::Tensor tokens() override { return state[tokens_index]; }
+  at::Device device() override { return at::kCPU; }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -94,7 +173,8 @@ int main(int argc, char** argv) {
   if (argc >= 5 && std::string(argv[3]) == "--repeat") repeat = std::max(1, std::atoi(argv[4]));
 
   const auto json = read_file(pkg + "/plan.json");
-  if (get_str(json, "format") != "torchscript") fail("this runner loads torchscript packages");
+  const auto format = get_str(json, "format");
+  if (format != "torchscript" && format != "aoti") fail("unknown package format '" + format + "'");
   const int64_t P = get_int(json, "prompt_bucket"), vocab = get_int(json, "vocab_size");
   const int64_t mask_id = get_int(json, "mask_id"), pad_id = get_int(json, "pad_id");
   const auto plan = get_str_array(json, "plan");
@@ -107,41 +187,43 @@ int main(int argc, char** argv) {
     if (t == mask_id) fail("token id " + std::to_string(t) + " is the mask id; a prompt cannot contain masks");
   }
 
-  torch::jit::Module mod;
-  try {
-    mod = torch::jit::load(pkg + "/steps.pt");
-  } catch (const c10::Error& e) {
-    fail("cannot load " + pkg + "/steps.pt: " + e.what_without_backtrace());
+  // the plan's distinct kinds, and for each step the index of its kind
+  std::vector<std::string> kinds;
+  std::vector<size_t> order;
+  for (const auto& k : plan) {
+    auto it = std::find(kinds.begin(), kinds.end(), k);
+    order.push_back(it - kinds.begin());
+    if (it == kinds.end()) kinds.push_back(k);
   }
   torch::NoGradGuard no_grad;
-  const auto dev = mod.attr("st_tokens").toTensor().device();
+  std::unique_ptr<Package> prog;
+  if (format == "aoti")
+    prog = std::make_unique<AotiPackage>(pkg, kinds);
+  else
+    prog = std::make_unique<ScriptPackage>(pkg, kinds);
+  const auto dev = prog->device();
   const int64_t n_pad = P - static_cast<int64_t>(prompt.size());
   auto padded = torch::full({1, P}, pad_id, torch::kLong);
   for (size_t i = 0; i < prompt.size(); ++i) padded[0][n_pad + static_cast<int64_t>(i)] = prompt[i];
   padded = padded.to(dev);
   auto npad = torch::tensor({n_pad}, torch::kLong).to(dev);
-  auto dummy = torch::zeros({1}, torch::TensorOptions().device(dev));
-
-  std::vector<torch::jit::Method> steps;
-  for (const auto& kind : plan) steps.push_back(mod.get_method(kind));
-  auto fill = mod.get_method("fill");
-  auto sync = [&] { if (dev.is_cuda()) mod.attr("st_step").toTensor().cpu(); };
+  auto sync = [&] { if (dev.is_cuda()) prog->tokens().cpu(); };
 
   std::vector<double> per_step_ms;
   for (int r = 0; r < repeat; ++r) {
-    fill({padded, npad});
+    prog->fill(padded, npad);
     sync();
     auto t0 = std::chrono::steady_clock::now();
-    for (auto& step : steps) step({dummy});
+    for (auto i : order) prog->step(i);
     sync();
     auto t1 = std::chrono::steady_clock::now();
-    per_step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / steps.size());
+    per_step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / order.size());
   }
-  auto tokens = mod.attr("st_tokens").toTensor().cpu();
+  auto tokens = prog->tokens().cpu();
   for (int64_t j = P; j < tokens.size(1); ++j) std::cout << (j > P ? "," : "") << tokens[0][j].item<int64_t>();
   std::cout << "\n";
   std::sort(per_step_ms.begin(), per_step_ms.end());
-  std::cerr << "dllm_run: " << steps.size() << " steps, median " << per_step_ms[per_step_ms.size() / 2]
+  std::cerr << "dllm_run: " << format << ", " << order.size() << " steps, median " << per_step_ms[per_step_ms.size() / 2]
             << " ms/step over " << repeat << " run(s) on " << dev << "; CUDA graphs: "
             << (dev.is_cuda() ? "not compiled in (see the note at the top of dllm_run.cpp)" : "n/a on CPU")
             << "\n";
