@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from graphs import export as ex
 from runtime import D2Cache, DllmCache, DualCache, NoCache, RequestError
@@ -23,12 +22,7 @@ def runner():
     missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"no {' or '.join(missing)} on this machine: the C++ runner cannot be built")
-    build = ROOT / "build" / "cpp"
-    prefix = torch.utils.cmake_prefix_path
-    subprocess.run(["cmake", "-S", str(ROOT / "graphs" / "cpp"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
-    return build / "dllm_run"
+    return ex.build_runner(ROOT / "build" / "cpp")
 
 
 @pytest.fixture(scope="module")

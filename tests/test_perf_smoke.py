@@ -21,3 +21,17 @@ def test_steps_prints_every_kind(capsys):
     out = capsys.readouterr().out
     for kind in ("full", "response_refresh", "partial", "prompt_refresh"):
         assert f"\n{kind} " in out
+
+
+def test_cpp_vs_python_prints_ratios(capsys):
+    import shutil
+
+    import pytest
+    if shutil.which("cmake") is None:
+        pytest.skip("no cmake: the C++ runner cannot be built")
+    from perf import cpp
+    cpp.main(["--preset", "tiny", "--prompt-len", "8", "--gen-length", "8", "--steps", "8", "--block-length", "4",
+              "--formats", "torchscript", "--repeat", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [r[0] for r in rows] == ["none", "dllm-cache:kp=100,kr=7,rho=0.25"]
+    assert all(r[1] == "torchscript" and r[-1] == "True" and r[5].endswith("x") for r in rows)
