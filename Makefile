@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(PY) -m pytest -q perf --presets tiny --backends eager --benchmark-disable
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m perf.report
 
 clean:
 	rm -rf $(VENV) demo-models build *.egg-info

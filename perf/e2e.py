@@ -77,17 +77,26 @@ def main(argv=None) -> None:
           f"P={a.prompt_len} G={a.gen_length} steps={a.steps} block={kw['block_length']} "
           f"device={dev} backend={eng.backend} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
     print(f"{'policy':<44} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7} {'steps':>6}  step kinds")
-    base_s = base_tokens = None
-    for spec in a.policies:
+    for r in policy_rows(eng, prompt, a.policies, a.repeats, **kw):
+        kinds = " ".join(f"{k}={n}" for k, n in r["step_kinds"].items())
+        print(f"{r['policy']:<44} {r['seconds']:>9.3f} {r['tok_s']:>9.1f} {r['speedup']:>7.2f}x {r['agree']:>7.1%} "
+              f"{r['steps']:>6}  {kinds}")
+
+
+def policy_rows(eng: Engine, prompt: list[int], specs: list[str], repeats: int, **kw) -> list[dict]:
+    """One row per policy spec, the first being the baseline: median seconds, tokens/s, speedup and
+    token agreement against the baseline, measured in this one run."""
+    rows, base_s, base_tokens = [], None, None
+    for spec in specs:
         label, policy, extra = parse_policy(spec)
-        sec, out = measure(eng, prompt, policy, a.repeats, **kw, **extra)
+        sec, out = measure(eng, prompt, policy, repeats, **kw, **extra)
         toks = out.tokens[0]
         if base_s is None:
             base_s, base_tokens = sec, toks
-        agree = sum(x == y for x, y in zip(toks, base_tokens)) / len(toks)
-        kinds = " ".join(f"{k}={n}" for k, n in out.step_kinds.items())
-        print(f"{label:<44} {sec:>9.3f} {len(toks) / sec:>9.1f} {base_s / sec:>7.2f}x {agree:>7.1%} "
-              f"{out.steps:>6}  {kinds}")
+        rows.append(dict(policy=label, seconds=sec, tok_s=len(toks) / sec, speedup=base_s / sec,
+                         agree=sum(x == y for x, y in zip(toks, base_tokens)) / len(toks), steps=out.steps,
+                         step_kinds=out.step_kinds))
+    return rows
 
 
 if __name__ == "__main__":

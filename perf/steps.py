@@ -42,6 +42,32 @@ def time_kind(run, st, iters: int, sync) -> float:
     return statistics.median(times)
 
 
+def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters):
+    """{backend: {kind: median seconds}} and {backend: preparation seconds} for a DllmCache request."""
+    dc = DecodeConfig.make(cfg.family)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    res, prep = {}, {}
+    for name in names:
+        eng = Engine(cfg, weights, device=device, dtype=dtype, backend=name)
+        runners, prep[name] = eng.prepare_steps(shape, dc, policy, list(KINDS))
+        st = eng.state_for(shape, dc)
+        with torch.inference_mode():
+            st.fill(cfg, [prompt], seed=0)
+            for k in KINDS:                  # warm-up (the full step first writes every cache)
+                runners[k]()
+            res[name] = {k: time_kind(runners[k], st, iters, sync) for k in KINDS}
+        del eng
+    return res, prep
+
+
+def weight_floor(weights, device) -> tuple[float, float]:
+    """(weight-streaming floor in seconds, measured bandwidth in bytes/s): one step reads every weight
+    but the embedding (only its gathered rows)."""
+    streamed = sum(t.numel() * t.element_size() for n, t in weights.tensors().items() if n != "embed")
+    bw = device_bandwidth(device)
+    return streamed / bw, bw
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["llada", "dream"], default="llada")
@@ -69,25 +95,13 @@ def main(argv=None) -> None:
         cfg, weights = base.cfg, base.weights
     block = a.block_length if cfg.family == "llada" else a.gen_length
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
-    dc = DecodeConfig.make(cfg.family)
     policy = DllmCache(rho=a.rho)
     prompt = random_prompt(cfg, a.prompt_len)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     names = a.backends or available(device)
     print(f"# {cfg.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}) P={a.prompt_len} "
           f"G={a.gen_length} block={block} rho={a.rho} (budget {policy.budget(a.gen_length)} rows) "
           f"device={device.type} dtype={a.dtype} threads={torch.get_num_threads()} median of {a.iters}")
-    res, prep = {}, {}
-    for name in names:
-        eng = Engine(cfg, weights, device=device, dtype=dtype, backend=name)
-        runners, prep[name] = eng.prepare_steps(shape, dc, policy, list(KINDS))
-        st = eng.state_for(shape, dc)
-        with torch.inference_mode():
-            st.fill(cfg, [prompt], seed=0)
-            for k in KINDS:                  # warm-up (the full step first writes every cache)
-                runners[k]()
-            res[name] = {k: time_kind(runners[k], st, a.iters, sync) for k in KINDS}
-        del eng
+    res, prep = backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, a.iters)
     print(f"{'step kind':<18}" + "".join(f"{n + ' ms (full/kind)':>32}" for n in names))
     for k in KINDS:
         cells = [f"{res[n][k] * 1e3:.2f} ({res[n]['full'] / res[n][k]:.2f}x)" for n in names]
@@ -99,10 +113,8 @@ def main(argv=None) -> None:
                 print(f"speedup of {n} over eager: {ratios}")
     print("preparation (compile / capture) seconds: " + ", ".join(f"{n} {prep[n]:.1f}" for n in names))
     if device.type == "cuda":
-        streamed = sum(t.numel() * t.element_size() for n, t in weights.tensors().items() if n != "embed")
-        bw = device_bandwidth(device)
-        floor = streamed / bw
-        print(f"weight-streaming floor: {streamed / 1e9:.2f} GB of weights / {bw / 1e12:.2f} TB/s measured = "
+        floor, bw = weight_floor(weights, device)
+        print(f"weight-streaming floor: {floor * bw / 1e9:.2f} GB of weights / {bw / 1e12:.2f} TB/s measured = "
               f"{floor * 1e3:.2f} ms; partial step / floor: " +
               ", ".join(f"{n} {res[n]['partial'] / floor:.2f}x" for n in names))
 

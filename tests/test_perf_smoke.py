@@ -35,3 +35,25 @@ def test_cpp_vs_python_prints_ratios(capsys):
     rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[2:]]
     assert [r[0] for r in rows] == ["none", "dllm-cache:kp=100,kr=7,rho=0.25"]
     assert all(r[1] == "torchscript" and r[-1] == "True" and r[5].endswith("x") for r in rows)
+
+
+def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path):
+    from perf import report
+    report.main(["--family", "dream", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8", "--steps", "8",
+                 "--block-length", "4", "--policies", "none", "d2cache:k=4,attn_budget=4", "--backends", "eager",
+                 "--iters", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith("Measured on ") and "torch " in out and "no GPU" in out
+    assert "| none | " in out and "| d2cache:k=4,attn_budget=4 | " in out and "| partial | " in out
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.BEGIN}\nold\n{report.END}\nrest\n")
+    report.update_readme("NEW TABLE", readme)
+    assert readme.read_text() == f"# x\n{report.BEGIN}\nNEW TABLE\n{report.END}\nrest\n"
+
+
+def test_dllm_bench_is_the_report(capsys):
+    from runtime.cli import main
+    assert main(["bench", "--family", "llada", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8",
+                 "--steps", "8", "--block-length", "4", "--policies", "none", "--backends", "eager",
+                 "--iters", "1"]) == 0
+    assert "| none | " in capsys.readouterr().out
