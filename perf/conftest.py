@@ -7,19 +7,17 @@
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from graphs import available
-from models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
+from models.tiny import SHAPE_PRESETS
 from runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
 from runtime.buffers import RequestShape
 
-from .e2e import random_prompt
+from .e2e import preset_engine, random_prompt
 
 POLICIES = {"none": NoCache(), "dllm-cache": DllmCache(kp=100, kr=7, rho=0.25),
             "d2cache": D2Cache(k=32, attn_budget=32), "dual-cache": DualCache()}
@@ -79,15 +77,11 @@ def models(request):
 
     def get(preset: str) -> Model:
         if preset not in cache:
-            if preset in SHAPE_PRESETS:
-                if dev.type != "cuda":
-                    pytest.skip(f"{preset} has real dimensions: GPU only")
-                cfg, w = random_weights(family, SHAPE_PRESETS[preset], dev, torch.bfloat16)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    eng = Engine.from_pretrained(write_tiny(Path(tmp) / preset, family, PRESETS[preset],
-                                                            tokenizer=False), device=dev, backend="eager")
-                cfg, w = eng.cfg, eng.weights
+            if preset in SHAPE_PRESETS and dev.type != "cuda":
+                pytest.skip(f"{preset} has real dimensions: GPU only")
+            dtype = torch.bfloat16 if preset in SHAPE_PRESETS else torch.float32
+            eng = preset_engine(family, preset, device=dev, dtype=dtype)
+            cfg, w = eng.cfg, eng.weights
             P, G, Bl = SHAPES[preset]
             cache[preset] = Model(cfg, w, random_prompt(cfg, P), RequestShape(1, P, G, Bl, G))
         return cache[preset]

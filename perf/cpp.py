@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 from graphs import export as ex
-from models.tiny import PRESETS, write_tiny
-from runtime import Engine
+from models.tiny import PRESETS
 
-from .e2e import parse_policy, random_prompt
+from .e2e import parse_policy, preset_engine, random_prompt
 
 
 def main(argv=None) -> None:
@@ -38,8 +37,7 @@ def main(argv=None) -> None:
 
     runner = ex.build_runner()
     with tempfile.TemporaryDirectory() as tmp:
-        eng = Engine.from_pretrained(write_tiny(Path(tmp) / "m", a.family, a.preset, tokenizer=False),
-                                     backend="eager")
+        eng = preset_engine(a.family, a.preset)
         prompt = random_prompt(eng.cfg, a.prompt_len)
         shape = dict(prompt_bucket=a.prompt_len, gen_length=a.gen_length, steps=a.steps,
                      block_length=a.block_length)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.tiny import PRESETS, write_tiny
+from models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from runtime import Engine
 from runtime.policies import make_policy
 
@@ -30,6 +30,20 @@ def parse_policy(spec: str):
         params[k] = True if v == "true" else float(v) if "." in v else int(v)
     extra = {"threshold": params.pop("threshold")} if "threshold" in params else {}
     return spec, make_policy(name, **params), extra
+
+
+def preset_engine(family: str, preset: str, *, device="cpu", dtype=torch.float32, backend="eager") -> Engine:
+    """An engine with a preset's weights. CPU presets are written as real-format checkpoints and loaded
+    with the real loader; real-dimension presets are random weights made directly on the device."""
+    device = torch.device(device)
+    if preset in SHAPE_PRESETS:
+        if device.type != "cuda":
+            raise ValueError(f"preset {preset} has real dimensions: run it on a GPU (--device cuda)")
+        cfg, weights = random_weights(family, SHAPE_PRESETS[preset], device, dtype)
+        return Engine(cfg, weights, device=device, dtype=dtype, backend=backend)
+    with tempfile.TemporaryDirectory() as tmp:
+        return Engine.from_pretrained(write_tiny(Path(tmp) / preset, family, preset, tokenizer=False),
+                                      device=device, dtype=dtype, backend=backend)
 
 
 def random_prompt(cfg, n: int, seed: int = 0) -> list[int]:
@@ -65,9 +79,7 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tiny(Path(tmp) / a.preset, a.family, a.preset, tokenizer=False)
-        eng = Engine.from_pretrained(folder, backend=a.backend, device=a.device)
+    eng = preset_engine(a.family, a.preset, device=a.device, backend=a.backend)
     cfg = eng.cfg
     prompt = random_prompt(cfg, a.prompt_len)
     kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length or a.gen_length)

@@ -13,17 +13,16 @@ import argparse
 import datetime
 import platform
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from graphs import available
-from models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
-from runtime import DllmCache, Engine
+from models.tiny import PRESETS, SHAPE_PRESETS
+from runtime import DllmCache
 from runtime.buffers import RequestShape
 
-from .e2e import policy_rows, random_prompt
+from .e2e import policy_rows, preset_engine, random_prompt
 from .steps import KINDS, backend_times, weight_floor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,13 +46,7 @@ def machine() -> str:
 
 def family_section(family: str, a, device: torch.device) -> list[str]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if a.preset in SHAPE_PRESETS:
-        cfg, weights = random_weights(family, SHAPE_PRESETS[a.preset], device, dtype)
-        eng = Engine(cfg, weights, device=device, dtype=dtype, backend="eager")
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            eng = Engine.from_pretrained(write_tiny(Path(tmp) / "m", family, a.preset, tokenizer=False),
-                                         device=device, dtype=dtype, backend="eager")
+    eng = preset_engine(family, a.preset, device=device, dtype=dtype)
     prompt = random_prompt(eng.cfg, a.prompt_len)
     kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length)
     out = [f"**{family}**, preset `{a.preset}` (layers {eng.cfg.n_layers}, d {eng.cfg.d_model}), P={a.prompt_len}, "

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from graphs import available
-from models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
+from models.tiny import PRESETS, SHAPE_PRESETS
 from runtime import DllmCache, Engine
 from runtime.buffers import RequestShape
 from runtime.decoding import DecodeConfig
 
-from .e2e import random_prompt
+from .e2e import preset_engine, random_prompt
 
 KINDS = ("full", "response_refresh", "partial", "prompt_refresh")
 
@@ -33,7 +31,7 @@ KINDS = ("full", "response_refresh", "partial", "prompt_refresh")
 def time_kind(run, st, iters: int, sync) -> float:
     times = []
     for _ in range(iters):
-        st.step.zero_()                      # stay inside the schedule; tokens already committed stay put
+        st.rewind()                          # stay inside the schedule; tokens already committed stay put
         sync()
         t0 = time.perf_counter()
         run()
@@ -84,15 +82,10 @@ def main(argv=None) -> None:
 
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
-    if a.preset in SHAPE_PRESETS:
-        if device.type != "cuda":
-            ap.error(f"--preset {a.preset} has billions of parameters: run it with --device cuda")
-        cfg, weights = random_weights(a.family, SHAPE_PRESETS[a.preset], device, dtype)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            base = Engine.from_pretrained(write_tiny(Path(tmp) / "m", a.family, a.preset, tokenizer=False),
-                                          device=device, dtype=dtype, backend="eager")
-        cfg, weights = base.cfg, base.weights
+    if a.preset in SHAPE_PRESETS and device.type != "cuda":
+        ap.error(f"--preset {a.preset} has billions of parameters: run it with --device cuda")
+    base = preset_engine(a.family, a.preset, device=device, dtype=dtype)
+    cfg, weights = base.cfg, base.weights
     block = a.block_length if cfg.family == "llada" else a.gen_length
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
     policy = DllmCache(rho=a.rho)

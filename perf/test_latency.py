@@ -26,17 +26,13 @@ def test_step(benchmark, models, engines, step_case):
         runners["full"]()                        # valid caches for the cached kinds
         _sync()
 
-        def reset():                             # not timed: stay inside the schedule
-            st.step.zero_()
-            st.block.zero_()
-
         def run():
             runners[kind]()
             _sync()
         rounds, warmup = ROUNDS[preset]
         benchmark.extra_info.update(preset=preset, policy=policy_name, backend=backend, kind=kind,
                                     prepare_seconds=prep, device=str(eng.device))
-        benchmark.pedantic(run, setup=reset, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        benchmark.pedantic(run, setup=st.rewind, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
 
 def test_e2e(benchmark, models, engines, e2e_case):

@@ -119,10 +119,15 @@ class StepState:
         self.key_mask.copy_(key_mask)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
-        self.step.zero_()
-        self.block.zero_()
+        self.rewind()
         self.conf.zero_()
         self.commit_valid.zero_()
+
+    def rewind(self) -> None:
+        """Back to step 0 of block 0 without touching the canvas: warm-up and timing loops call a step
+        repeatedly and must stay inside the schedule."""
+        self.step.zero_()
+        self.block.zero_()
 
     def current_block(self) -> torch.Tensor:
         """Canvas positions [Bl] of the block the current step works on (device-side lookup)."""

@@ -24,7 +24,7 @@ from . import scheduler
 from .buffers import Cache, D2Buffers, RequestShape, StepState
 from .decoding import DecodeConfig, RequestError, check_shape
 from .policies import NoCache
-from .steps import policy_bodies
+from .steps import policy_bodies, with_noise
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -217,8 +217,7 @@ class Engine:
         st.fill(self.cfg, [[self.cfg.pad_id] * shape.prompt_bucket] * shape.batch, seed=0)
 
         def reset():
-            st.step.zero_()
-            st.block.zero_()
+            st.rewind()
             st.draw_noise()
         with torch.inference_mode():
             new, seconds = backends.prepare(self.backend, {k: bodies[k] for k in missing}, reset, self._pool)
@@ -303,12 +302,7 @@ class Engine:
         runners, capture_seconds = self.prepare_steps(shape, dc, policy, kinds_needed)
         st = self.state_for(shape, dc)
 
-        def with_noise(run):
-            def step():
-                st.draw_noise()                  # one in-place refill, outside any graph
-                run()
-            return step
-        step_fns = {k: with_noise(runners[k]) for k in kinds_needed}
+        step_fns = {k: with_noise(st, runners[k]) for k in kinds_needed}
 
         with torch.inference_mode():
             self._sync()

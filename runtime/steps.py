@@ -275,11 +275,14 @@ def policy_bodies(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | No
     return step_bodies(w, cfg, st, cache, policy.budget(st.shape.gen_length))
 
 
+def with_noise(st: StepState, run):
+    """A runnable step: refill this step's random numbers in place (one op, outside any graph), then run."""
+    def step():
+        st.draw_noise()
+        run()
+    return step
+
+
 def make_steps(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None, budget: int = 0):
-    """Runnable steps by kind: refill this step's random numbers in place, then run the body."""
-    def with_noise(body):
-        def step():
-            st.draw_noise()
-            body()
-        return step
-    return {k: with_noise(b) for k, b in step_bodies(w, cfg, st, cache, budget).items()}
+    """Runnable eager steps by kind (tests and tools; the engine wraps backend-prepared runners)."""
+    return {k: with_noise(st, b) for k, b in step_bodies(w, cfg, st, cache, budget).items()}
