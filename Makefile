@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m perf.report
+	$(PY) -m dllm.perf.report
 
 clean:
 	rm -rf $(VENV) demo-models build *.egg-info

@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.tiny import write_tiny  # noqa: E402
-from runtime import DllmCache, Engine  # noqa: E402
+from dllm.models.tiny import write_tiny  # noqa: E402
+from dllm.runtime import DllmCache, Engine  # noqa: E402
 
 DLLM = [str(Path(sys.executable).parent / "dllm")]
 TRAINED = ROOT / "models" / "trained" / "arith-llada"

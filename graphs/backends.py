@@ -36,7 +36,7 @@ def available(device: torch.device) -> list[str]:
 
 
 def default_backend(device: torch.device) -> str:
-    """The fastest backend on the device for cached plans (python -m perf.steps measures them).
+    """The fastest backend on the device for cached plans (python -m dllm.perf.steps measures them).
 
     On CPU that is eager: Inductor speeds up full steps (1.2-1.3x on the small preset) but its fused
     scatter kernels make partial steps slower (0.8-0.9x), and a cached plan is mostly partial steps;

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import Weights
-from runtime.buffers import Cache, D2Buffers, RequestShape, StepState
-from runtime.decoding import DecodeConfig, RequestError
-from runtime.steps import policy_bodies
+from dllm.models.checkpoint import Weights
+from dllm.runtime.buffers import Cache, D2Buffers, RequestShape, StepState
+from dllm.runtime.decoding import DecodeConfig, RequestError
+from dllm.runtime.steps import policy_bodies
 
 FORMATS = ("torchscript", "aoti")
 # State tensors no step writes: fill (re)writes them from the export-time values in the aoti format.
@@ -121,7 +121,7 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
            block_length: int | None = None, policy=None, remasking=None, alg=None,
            fmt: str = "torchscript") -> dict:
     """Write PKG/steps.pt and PKG/plan.json for one request shape; returns the plan."""
-    from runtime.policies import NoCache
+    from dllm.runtime.policies import NoCache
     if fmt not in FORMATS:
         raise RequestError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     cfg, policy = engine.cfg, policy or NoCache()

@@ -5,7 +5,7 @@ names, and an optional character-level tokenizer (tokenizer.json + tokenizer_con
 template) that `transformers.AutoTokenizer` loads from the folder. Tests, the demo and the benchmarks
 use these; nothing is fetched from a hub.
 
-    python -m models.tiny --family llada --out /tmp/tiny-llada [--preset small] [--sharded]
+    python -m dllm.models.tiny --family llada --out /tmp/tiny-llada [--preset small] [--sharded]
 """
 from __future__ import annotations
 

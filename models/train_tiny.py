@@ -1,6 +1,6 @@
 """Train a small LLaDA-format masked diffusion model on CPU, on tasks whose answers can be checked.
 
-    python -m models.train_tiny --out models/trained/arith-llada [--minutes 12] [--seed 0]
+    python -m dllm.models.train_tiny --out models/trained/arith-llada [--minutes 12] [--seed 0]
 
 Tasks (character level, each needs the prompt): `reverse 48213` -> `31284`, `sort 3141` -> `1134`.
 (Three-digit addition was tried too: after 12 minutes on 2 cores it scored 0 % held-out exact match,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from graphs import available
-from models.tiny import SHAPE_PRESETS
-from runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
-from runtime.buffers import RequestShape
+from dllm.graphs import available
+from dllm.models.tiny import SHAPE_PRESETS
+from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
+from dllm.runtime.buffers import RequestShape
 
 from .e2e import preset_engine, random_prompt
 

@@ -1,6 +1,6 @@
 """C++ (graphs/cpp/dllm_run) vs Python per-step latency on the same request, one run, one machine.
 
-    python -m perf.cpp --preset small --prompt-len 128 --gen-length 64 --steps 64 --block-length 32
+    python -m dllm.perf.cpp --preset small --prompt-len 128 --gen-length 64 --steps 64 --block-length 32
 
 Exports the preset for each policy and format, builds the runner, and times: the C++ runner on the
 package (median ms/step over --repeat runs, measured inside the runner), and in the same run the Python
@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from graphs import export as ex
-from models.tiny import PRESETS
+from dllm.graphs import export as ex
+from dllm.models.tiny import PRESETS
 
 from .e2e import parse_policy, preset_engine, random_prompt
 

@@ -1,6 +1,6 @@
 """End-to-end generation latency per policy, one run, one machine.
 
-    python -m perf.e2e --preset small --family llada --prompt-len 256 --gen-length 64 --steps 64 --block-length 32
+    python -m dllm.perf.e2e --preset small --family llada --prompt-len 256 --gen-length 64 --steps 64 --block-length 32
 
 Writes a tiny random checkpoint of the preset (real on-disk format) into a temp folder, loads it with
 the real loader, warms up once per policy, then times `--repeats` generations and reports the median
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
-from runtime import Engine
-from runtime.policies import make_policy
+from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
+from dllm.runtime import Engine
+from dllm.runtime.policies import make_policy
 
 
 def parse_policy(spec: str):

@@ -1,6 +1,6 @@
 """Accuracy under every cache policy and backend, on the trained model, beside each one's speedup.
 
-    python -m perf.quality [--model models/trained/arith-llada] [--n 240] [--backends eager compile]
+    python -m dllm.perf.quality [--model models/trained/arith-llada] [--n 240] [--backends eager compile]
 
 Generates the answers of --n held-out prompts (never seen in training: models.train_tiny.split) as one
 padded batch per configuration, scores exact match (the response up to the first end-of-text), and
@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from models.train_tiny import GEN, held_out
-from runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
+from dllm.models.train_tiny import GEN, held_out
+from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "trained" / "arith-llada"

@@ -1,7 +1,7 @@
 """Latency-regression gate over pytest-benchmark JSON.
 
-    python -m perf.regress --baseline perf/baselines/cpu-tiny.json --current run.json --max-slowdown 5%
-    python -m perf.regress --record cpu-tiny [--pytest-args "--presets tiny --backends eager"]
+    python -m dllm.perf.regress --baseline perf/baselines/cpu-tiny.json --current run.json --max-slowdown 5%
+    python -m dllm.perf.regress --record cpu-tiny [--pytest-args "--presets tiny --backends eager"]
 
 Compares the median of every benchmark present in both files. Noise rule: a benchmark regresses only
 if its median is slower than the baseline median by more than --max-slowdown AND the slowdown in
@@ -54,7 +54,7 @@ def load(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise GateError(f"{path}: no such file; record a baseline with `python -m perf.regress --record NAME`") \
+        raise GateError(f"{path}: no such file; record a baseline with `python -m dllm.perf.regress --record NAME`") \
             from None
     except json.JSONDecodeError as e:
         raise GateError(f"{path}: not JSON ({e})") from None

@@ -1,6 +1,6 @@
 """The headline report for this machine (also `dllm bench`).
 
-    python -m perf.report [--family llada dream] [--preset small] [--update-readme]
+    python -m dllm.perf.report [--family llada dream] [--preset small] [--update-readme]
 
 Per family, in one run: every policy's end-to-end seconds, tokens/s, speedup over NoCache and token
 agreement with it (perf.e2e); every available backend's per-step latency and its ratio to eager
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from graphs import available
-from models.tiny import PRESETS, SHAPE_PRESETS
-from runtime import DllmCache
-from runtime.buffers import RequestShape
+from dllm.graphs import available
+from dllm.models.tiny import PRESETS, SHAPE_PRESETS
+from dllm.runtime import DllmCache
+from dllm.runtime.buffers import RequestShape
 
 from .e2e import policy_rows, preset_engine, random_prompt
 from .steps import KINDS, backend_times, weight_floor
@@ -79,7 +79,7 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
 
 def report(a) -> str:
     device = torch.device(a.device)
-    cmd = "python -m perf.report " + " ".join(a.argv)
+    cmd = "python -m dllm.perf.report " + " ".join(a.argv)
     lines = [f"Measured on {machine()}, with `{cmd.strip()}`. Random weights (latency does not depend on "
              f"their values; token agreement does: see the notes below the tables).", ""]
     for fam in a.family:

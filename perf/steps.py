@@ -1,6 +1,6 @@
 """Per-step latency of each step kind under each backend, one run, one machine.
 
-    python -m perf.steps --preset small --family llada --prompt-len 512 --gen-length 128 --rho 0.25
+    python -m dllm.perf.steps --preset small --family llada --prompt-len 512 --gen-length 128 --rho 0.25
 
 For every backend available on the device (eager and compile on CPU; also cudagraph and
 compile+cudagraph on CUDA) it prepares the step kinds of a DllmCache request on shared weights, times
@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from graphs import available
-from models.tiny import PRESETS, SHAPE_PRESETS
-from runtime import DllmCache, Engine
-from runtime.buffers import RequestShape
-from runtime.decoding import DecodeConfig
+from dllm.graphs import available
+from dllm.models.tiny import PRESETS, SHAPE_PRESETS
+from dllm.runtime import DllmCache, Engine
+from dllm.runtime.buffers import RequestShape
+from dllm.runtime.decoding import DecodeConfig
 
 from .e2e import preset_engine, random_prompt
 

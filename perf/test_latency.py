@@ -5,7 +5,7 @@ timed call ends with a synchronize, so the numbers are device time plus launch o
 """
 import torch
 
-from runtime.decoding import DecodeConfig
+from dllm.runtime.decoding import DecodeConfig
 
 from .conftest import POLICIES, ROUNDS
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.config import ModelConfig
-from models.layers import positions_and_mask, rope_tables
+from dllm.models.config import ModelConfig
+from dllm.models.layers import positions_and_mask, rope_tables
 
 from .decoding import DecodeConfig, RequestError, commit_counts, dream_reveal_probs, check_shape
 

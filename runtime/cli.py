@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from graphs import BACKENDS, BackendError
-from models.config import CheckpointError
+from dllm.graphs import BACKENDS, BackendError
+from dllm.models.config import CheckpointError
 
 from .decoding import DREAM_ALGS, LLADA_REMASKING, RequestError
 from .engine import DTYPES
@@ -134,7 +134,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from graphs.export import export
+    from dllm.graphs.export import export
     from .engine import Engine
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, backend="eager")
     info = export(eng, a.out, prompt_bucket=a.prompt_bucket, gen_length=a.gen_length, steps=a.steps,
@@ -147,7 +147,7 @@ def cmd_export(a) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:                 # perf.report owns its flags
-        from perf.report import main as bench
+        from dllm.perf.report import main as bench
         return bench(argv[1:])
     a = build_parser().parse_args(argv)
     try:

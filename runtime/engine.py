@@ -1,6 +1,6 @@
 """Engine: load once, generate many. The public Python API.
 
-    from runtime import Engine
+    from dllm.runtime import Engine
     eng = Engine.from_pretrained("LLaDA-8B-Instruct/", device="cuda", dtype=torch.bfloat16)
     out = eng.generate("What is 7*6?", chat=True, gen_length=128, steps=128, block_length=32)
     print(out.text[0], out.steps, out.seconds)
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from graphs import backends
-from graphs.capture import GraphPool
-from models.checkpoint import Weights, load_weights
-from models.config import CheckpointError, ModelConfig, load_config
+from dllm.graphs import backends
+from dllm.graphs.capture import GraphPool
+from dllm.models.checkpoint import Weights, load_weights
+from dllm.models.config import CheckpointError, ModelConfig, load_config
 
 from . import scheduler
 from .buffers import Cache, D2Buffers, RequestShape, StepState

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ModelConfig
+from dllm.models.config import ModelConfig
 
 from .buffers import D2Buffers, StepState
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import Weights
-from models.config import ModelConfig
-from models.layers import apply_rope, attention, attention_probs, attn_out, block, ffn, head, rms_norm
+from dllm.models.checkpoint import Weights
+from dllm.models.config import ModelConfig
+from dllm.models.layers import apply_rope, attention, attention_probs, attn_out, block, ffn, head, rms_norm
 
 from .buffers import Cache, D2Buffers, StepState
 from .decoding import choose

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.tiny import write_tiny
+from dllm.models.tiny import write_tiny
 
 FAMILIES = ("llada", "dream")
 
@@ -15,7 +15,7 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(tiny_dirs):
-    from runtime import Engine
+    from dllm.runtime import Engine
     return {f: Engine.from_pretrained(d, backend="eager") for f, d in tiny_dirs.items()}
 
 

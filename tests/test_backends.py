@@ -3,11 +3,11 @@ requests outside them are refused; CUDA graphs replay bit-identically in one sha
 import pytest
 import torch
 
-from graphs import BackendError, backends
-from runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from runtime.buffers import RequestShape
-from runtime.decoding import DecodeConfig
-from runtime.engine import Bucket
+from dllm.graphs import BackendError, backends
+from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
+from dllm.runtime.buffers import RequestShape
+from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.engine import Bucket
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 KW = {"llada": dict(gen_length=16, steps=16, block_length=8), "dream": dict(gen_length=16, steps=16)}

@@ -4,10 +4,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runtime import DllmCache, NoCache, RequestError, make_policy
-from runtime.buffers import Cache, RequestShape, StepState
-from runtime.decoding import DecodeConfig
-from runtime.steps import block_logits, cached_forward, full_forward, make_steps
+from dllm.runtime import DllmCache, NoCache, RequestError, make_policy
+from dllm.runtime.buffers import Cache, RequestShape, StepState
+from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.steps import block_logits, cached_forward, full_forward, make_steps
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 SETTINGS = {"llada": [dict(gen_length=16, steps=16, block_length=8), dict(gen_length=24, steps=12, block_length=8)],
@@ -87,7 +87,7 @@ def test_stale_caches_do_change_logits(engines):
 
 
 def test_v_verify_picks_the_least_similar_rows():
-    from runtime.steps import v_verify
+    from dllm.runtime.steps import v_verify
     old = torch.randn(2, 2, 6, 4)
     new = old.clone()
     new[0, :, 4] = -old[0, :, 4]            # cos -1: the most changed
@@ -197,7 +197,7 @@ def test_nothing_is_allocated_across_100_steps(engines):
 
 @pytest.mark.cuda
 def test_cuda_memory_flat_across_100_steps(tiny_dirs):
-    from runtime import Engine
+    from dllm.runtime import Engine
     eng = Engine.from_pretrained(tiny_dirs["llada"], device="cuda", backend="cudagraph")
     kw = dict(gen_length=128, steps=128, block_length=32, policy=DllmCache(kp=50, kr=7, rho=0.25))
     eng.generate(PROMPTS[0], **kw)
@@ -222,7 +222,7 @@ def test_cached_padded_batch_equals_single_runs(engines, family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_every_kind(tiny_dirs, family, dtype):
-    from runtime import Engine
+    from dllm.runtime import Engine
     eng = Engine.from_pretrained(tiny_dirs[family], dtype=dtype, backend="eager")
     assert eng.weights.wqkv.dtype == dtype
     out = eng.generate(PROMPTS[0], gen_length=16, steps=16, policy=DllmCache(kp=5, kr=3, rho=0.25))
@@ -239,7 +239,7 @@ def test_step_bodies_compile_as_one_graph(engines):
     # with top-p sampling) traces with fullgraph=True, i.e. no graph break and no host sync, and the
     # compiled body updates canvas and caches like the eager one (tolerance 1e-4: Inductor fuses and
     # reorders fp32 reductions).
-    from runtime.steps import step_bodies
+    from dllm.runtime.steps import step_bodies
     eng = engines["dream"]
     cfg = eng.cfg
     dc = DecodeConfig.make("dream", temperature=0.7, top_p=0.9)

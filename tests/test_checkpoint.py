@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import CheckpointError, load_checkpoint, load_config
-from models.layers import forward
-from models.tiny import write_tiny
+from dllm.models import CheckpointError, load_checkpoint, load_config
+from dllm.models.layers import forward
+from dllm.models.tiny import write_tiny
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

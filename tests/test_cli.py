@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from runtime.cli import main
+from dllm.runtime.cli import main
 
 
 def run_cli(capsys, *args):
@@ -104,7 +104,7 @@ def test_console_script_installed():
 
 
 def test_policy_flags(capsys, tiny_dirs, engines):
-    from runtime import DllmCache
+    from dllm.runtime import DllmCache
     rc, out, _ = run_cli(capsys, "--model", tiny_dirs["dream"], "--prompt-ids", "5,6,7", "--gen-length", 16,
                          "--steps", 16, "--policy", "dllm-cache", "--kp", 5, "--kr", 3, "--rho", 0.25, "--json")
     assert rc == 0

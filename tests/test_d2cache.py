@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from runtime import D2Cache, Engine, RequestError, make_policy
-from runtime.buffers import Cache, D2Buffers, RequestShape, StepState
-from runtime.decoding import DecodeConfig
-from runtime.selectors import certainty_density, d2_select, dedupe, nucleus, rollout_full, rollout_rows, row_mask
-from runtime.steps import d2_full, d2_partial
+from dllm.runtime import D2Cache, Engine, RequestError, make_policy
+from dllm.runtime.buffers import Cache, D2Buffers, RequestShape, StepState
+from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.selectors import certainty_density, d2_select, dedupe, nucleus, rollout_full, rollout_rows, row_mask
+from dllm.runtime.steps import d2_full, d2_partial
 from tests.test_cache import NoHostSync
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -31,8 +31,8 @@ def test_budget_covering_every_row_equals_no_cache(engines, family):
 
 
 def _d2(G, sigma, B=1, P=4):
-    from models.config import parse_config
-    from models.tiny import PRESETS, tiny_config
+    from dllm.models.config import parse_config
+    from dllm.models.tiny import PRESETS, tiny_config
     cfg = parse_config(tiny_config("llada", PRESETS["tiny"]))
     return cfg, D2Buffers.allocate(cfg, RequestShape(B, P, G, G, G), k=2, sigma=sigma, attn_budget=2, kmax=1,
                                    device="cpu")
@@ -225,7 +225,7 @@ def test_origin_is_refused(engines):
 
 
 def test_cli_flags(capsys, tiny_dirs, engines):
-    from runtime.cli import main
+    from dllm.runtime.cli import main
     rc = main(["generate", "--model", str(tiny_dirs["dream"]), "--prompt-ids", "5,6,7", "--gen-length", "16",
                "--steps", "16", "--policy", "d2cache", "--k", "4", "--sigma", "5", "--attn-budget", "3",
                "--attn-p", "0.2", "--quasi-l2r", "--backend", "eager", "--json"])

@@ -3,9 +3,9 @@ literal transcription of the reference samplers (LLaDA generate.py, Dream _sampl
 import pytest
 import torch
 
-from models.layers import forward
-from runtime import DecodeConfig, RequestError
-from runtime.decoding import commit_counts, dream_block_counts, dream_reveal_probs, llada_block_counts
+from dllm.models.layers import forward
+from dllm.runtime import DecodeConfig, RequestError
+from dllm.runtime.decoding import commit_counts, dream_block_counts, dream_reveal_probs, llada_block_counts
 
 PROMPTS = [[5, 9, 33, 40, 41], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
@@ -181,7 +181,7 @@ def test_sampling_is_seeded_and_complete(engines, family, kw):
 def test_gumbel_max_samples_the_softmax():
     # temperature 1: the float64 Gumbel-max choice is a sample from softmax(logits); check frequencies
     dc = DecodeConfig.make("llada", temperature=1.0)
-    from runtime.decoding import choose
+    from dllm.runtime.decoding import choose
     logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]]).expand(1, 20000, 4).contiguous()
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 20000, 4, dtype=torch.float64, generator=g)
@@ -192,7 +192,7 @@ def test_gumbel_max_samples_the_softmax():
 
 
 def test_top_p_top_k_filters():
-    from runtime.decoding import _top_k_filter, _top_p_filter
+    from dllm.runtime.decoding import _top_k_filter, _top_p_filter
     lg = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = _top_p_filter(lg, 0.7) > -1e30
     assert kept.tolist() == [[True, True, False, False]]   # 0.5 < 0.7, 0.8 > 0.7: keep the first two

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from runtime.buffers import Cache, RequestShape, StepState
-from runtime.decoding import DecodeConfig
-from runtime.steps import block_logits, dual_forward, full_forward, full_refresh
+from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
+from dllm.runtime.buffers import Cache, RequestShape, StepState
+from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.steps import block_logits, dual_forward, full_forward, full_refresh
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 ALL_POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25), D2Cache(k=4, attn_budget=4), DualCache()]
@@ -108,7 +108,7 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
 
 
 def test_cli(capsys, tiny_dirs, engines):
-    from runtime.cli import main
+    from dllm.runtime.cli import main
     rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt-ids", "5,6,7", "--gen-length", "16",
                "--steps", "16", "--block-length", "8", "--policy", "dual-cache", "--threshold", "0.2",
                "--backend", "eager", "--json"])

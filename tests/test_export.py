@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from graphs import export as ex
-from runtime import D2Cache, DllmCache, DualCache, NoCache, RequestError
+from dllm.graphs import export as ex
+from dllm.runtime import D2Cache, DllmCache, DualCache, NoCache, RequestError
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25), D2Cache(k=4, attn_budget=3, attn_p=0.5), DualCache()]
@@ -82,7 +82,7 @@ def test_export_refuses_what_it_cannot_carry(engines, tmp_path):
 
 def test_cli_export(tiny_dirs, tmp_path, engines):
     out = tmp_path / "pkg"
-    res = subprocess.run([sys.executable, "-m", "runtime.cli", "export", "--model", str(tiny_dirs["dream"]),
+    res = subprocess.run([sys.executable, "-m", "dllm.runtime.cli", "export", "--model", str(tiny_dirs["dream"]),
                           "--out", str(out), "--prompt-bucket", "12", "--gen-length", "16", "--steps", "16",
                           "--block-length", "8", "--policy", "dllm-cache", "--kp", "5", "--kr", "3"],
                          capture_output=True, text=True, cwd=ROOT)

@@ -37,9 +37,9 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from models import load_checkpoint  # noqa: E402
-from models.layers import forward  # noqa: E402
-from models.tiny import write_tiny  # noqa: E402
+from dllm.models import load_checkpoint  # noqa: E402
+from dllm.models.layers import forward  # noqa: E402
+from dllm.models.tiny import write_tiny  # noqa: E402
 
 FAMILIES = ("llada", "dream")
 ATOL = 1e-4          # fp32 parity with HF
@@ -244,8 +244,8 @@ def _decodable(raw: torch.Tensor, cfg) -> torch.Tensor:
 
 def test_shift_flags():
     """Dream's hidden row i predicts token i+1 (autoregressive heritage); LLaDA's row i predicts token i."""
-    from models.tiny import PRESETS, tiny_config
-    from models import parse_config
+    from dllm.models.tiny import PRESETS, tiny_config
+    from dllm.models import parse_config
     assert parse_config(tiny_config("dream", PRESETS["tiny"])).shift_logits is True
     assert parse_config(tiny_config("llada", PRESETS["tiny"])).shift_logits is False
 

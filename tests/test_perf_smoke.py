@@ -1,5 +1,5 @@
 """The perf commands run end to end (on the tiny preset, so CI stays fast) and print what they claim."""
-from perf import e2e, steps
+from dllm.perf import e2e, steps
 
 
 def test_e2e_prints_a_row_per_policy(capsys):
@@ -29,7 +29,7 @@ def test_cpp_vs_python_prints_ratios(capsys):
     import pytest
     if shutil.which("cmake") is None:
         pytest.skip("no cmake: the C++ runner cannot be built")
-    from perf import cpp
+    from dllm.perf import cpp
     cpp.main(["--preset", "tiny", "--prompt-len", "8", "--gen-length", "8", "--steps", "8", "--block-length", "4",
               "--formats", "torchscript", "--repeat", "1"])
     rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[2:]]
@@ -38,7 +38,7 @@ def test_cpp_vs_python_prints_ratios(capsys):
 
 
 def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path):
-    from perf import report
+    from dllm.perf import report
     report.main(["--family", "dream", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8", "--steps", "8",
                  "--block-length", "4", "--policies", "none", "d2cache:k=4,attn_budget=4", "--backends", "eager",
                  "--iters", "2"])
@@ -52,7 +52,7 @@ def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path):
 
 
 def test_dllm_bench_is_the_report(capsys):
-    from runtime.cli import main
+    from dllm.runtime.cli import main
     assert main(["bench", "--family", "llada", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8",
                  "--steps", "8", "--block-length", "4", "--policies", "none", "--backends", "eager",
                  "--iters", "1"]) == 0

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from perf import regress
+from dllm.perf import regress
 
 
 def bench_file(path, medians: dict, iqr=0.001, machine=None):

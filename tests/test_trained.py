@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from models import load_checkpoint
-from models.train_tiny import TASKS, held_out, make_example, split, train, training_examples
-from perf.quality import answer, evaluate
-from runtime import DllmCache, Engine, NoCache
+from dllm.models import load_checkpoint
+from dllm.models.train_tiny import TASKS, held_out, make_example, split, train, training_examples
+from dllm.perf.quality import answer, evaluate
+from dllm.runtime import DllmCache, Engine, NoCache
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained" / "arith-llada"
 # Floor for NoCache exact match on the first 60 held-out prompts. The shipped model scores 100 % there
-# (97.9 % on all 240, python -m perf.quality); the margin covers float differences across machines, and a
+# (97.9 % on all 240, python -m dllm.perf.quality); the margin covers float differences across machines, and a
 # real regression (a wrong RoPE, norm or schedule) collapses accuracy far below it.
 FLOOR = 0.90
 
