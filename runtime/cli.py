@@ -35,7 +35,7 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
-def _policy_args(g) -> None:
+def policy_args(g) -> None:
     g.add_argument("--policy", choices=list(POLICIES), default="none",
                    help="cache policy: none (full refresh every step), dllm-cache, d2cache or dual-cache")
     g.add_argument("--kp", type=int, default=100, help="dllm-cache: refresh the prompt every kp steps")
@@ -51,14 +51,14 @@ def _policy_args(g) -> None:
                    help="d2cache: rank commits by confidence x certainty density (quasi left-to-right)")
 
 
-def _policy(a):
+def policy_from_args(a):
     params = {"none": {}, "dllm-cache": dict(kp=a.kp, kr=a.kr, rho=a.rho),
               "d2cache": dict(k=a.k, sigma=a.sigma, attn_budget=a.attn_budget, attn_p=a.attn_p,
                               quasi_l2r=a.quasi_l2r), "dual-cache": {}}[a.policy]
     return make_policy(a.policy, **params)
 
 
-def _model_args(g) -> None:
+def model_args(g) -> None:
     g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
     g.add_argument("--dtype", choices=list(DTYPES), default="float32")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(LLaDA, Dream).")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="denoise a response for one prompt")
-    _model_args(g)
+    model_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
     src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the folder's chat template")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
-    _policy_args(g)
+    policy_args(g)
     g.add_argument("--threshold", type=float, default=None,
                    help="commit every masked block token with p >= threshold (at least one) per step; the "
                         "step count then depends on the data")
@@ -96,17 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how steps run (default: the fastest on the device for cached plans: eager on "
                         "CPU, compile+cudagraph on CUDA)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    g.add_argument("--live", action="store_true",
+                   help="redraw the canvas in place after every step (falls back to plain output when stdout "
+                        "is not a terminal)")
 
     sub.add_parser("bench", help="the headline latency report for this machine (perf.report)", add_help=False)
     e = sub.add_parser("export", help="write the step modules of one shape as a package a C++ host runs")
-    _model_args(e)
+    model_args(e)
     e.add_argument("--out", required=True, help="package folder to write (steps.pt + plan.json)")
     e.add_argument("--format", choices=list(EXPORT_FORMATS), default="torchscript")
     e.add_argument("--prompt-bucket", type=int, default=64, help="longest prompt the package accepts")
     e.add_argument("--gen-length", type=int, default=64)
     e.add_argument("--steps", type=int, default=64)
     e.add_argument("--block-length", type=int, default=None)
-    _policy_args(e)
+    policy_args(e)
     return ap
 
 
@@ -114,13 +117,20 @@ def cmd_generate(a) -> int:
     from .engine import Engine
     if a.chat and a.prompt is None:
         raise RequestError("--chat applies a chat template to --prompt text; it cannot wrap --prompt-ids")
-    policy = _policy(a)
+    policy = policy_from_args(a)
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
                                  backend=a.backend)
+    view = None
+    if a.live and not a.json and sys.stdout.isatty():
+        from .live import LiveView
+        view = LiveView(eng, out=sys.stdout)
     out = eng.generate(a.prompt if a.prompt is not None else a.prompt_ids, gen_length=a.gen_length,
                        steps=a.steps, block_length=a.block_length, remasking=a.remasking, alg=a.alg,
                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
-                       prompt_bucket=a.prompt_bucket, policy=policy, threshold=a.threshold)
+                       prompt_bucket=a.prompt_bucket, policy=policy, threshold=a.threshold, on_step=view)
+    if view is not None:
+        view.finish(out)
+        return 0
     if a.json:
         print(json.dumps(out.to_json()))
         return 0
@@ -138,7 +148,7 @@ def cmd_export(a) -> int:
     from .engine import Engine
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, backend="eager")
     info = export(eng, a.out, prompt_bucket=a.prompt_bucket, gen_length=a.gen_length, steps=a.steps,
-                  block_length=a.block_length, policy=_policy(a), remasking=a.remasking, alg=a.alg, fmt=a.format)
+                  block_length=a.block_length, policy=policy_from_args(a), remasking=a.remasking, alg=a.alg, fmt=a.format)
     print(f"wrote {a.out}: {info['format']} {info['family']} prompt<={info['prompt_bucket']} gen {info['gen_length']} "
           f"steps {info['steps']} policy {info['policy']['name']} kinds {', '.join(info['kinds'])}")
     return 0
@@ -149,6 +159,12 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:                 # perf.report owns its flags
         from dllm.perf.report import main as bench
         return bench(argv[1:])
+    if argv[:1] == ["eval"]:                  # lm-eval's own command line, with our model registered
+        from .evaluate import main as evaluate
+        return evaluate(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve
+        return serve(argv[1:])
     a = build_parser().parse_args(argv)
     try:
         return cmd_export(a) if a.command == "export" else cmd_generate(a)

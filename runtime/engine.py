@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,6 +51,17 @@ class Generation:
         return {"tokens": self.tokens, "text": self.text, "steps": self.steps,
                 "step_kinds": dict(self.step_kinds), "seconds": self.seconds, "backend": self.backend,
                 "capture_seconds": self.capture_seconds}
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What an on_step observer receives after each step of a generation."""
+    index: int                      # 0-based step number within this generation
+    kind: str                       # the step kind that ran ("full", "partial", ...)
+    tokens: list[list[int]]         # [B][G] response canvas after the step; mask_id where still masked
+    committed: list[list[int]]      # [B][*] response positions this step committed
+    seconds: float                  # wall time of this step (device synchronised)
+    mask_id: int
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,34 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
         hf_logging.set_verbosity(level)
 
 
+class FifoLock:
+    """A re-entrant lock granted in arrival order (threading.Lock makes no ordering promise): callers
+    of one engine are served one at a time, first come first served."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._next = self._serving = self._depth = 0
+        self._owner: int | None = None
+
+    def __enter__(self):
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner == me:
+                self._depth += 1
+                return self
+            ticket, self._next = self._next, self._next + 1
+            self._cv.wait_for(lambda: self._serving == ticket)
+            self._owner, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner, self._serving = None, self._serving + 1
+                self._cv.notify_all()
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, folder: Path | None = None,
                  device="cpu", dtype=torch.float32, trust_remote_code: bool = False, backend: str | None = None,
@@ -109,6 +150,7 @@ class Engine:
         self.backend = backends.check(backend or backends.default_backend(self.device), self.device)
         self.capture_on_demand = buckets is None if capture_on_demand is None else capture_on_demand
         self._tokenizer = None
+        self._lock = FifoLock()                        # generate/capture: one at a time, in order
         self._states: dict[tuple, StepState] = {}     # one preallocated state per request shape
         self._caches: dict[RequestShape, Cache] = {}  # one cache per request shape, for caching policies
         self._runners: dict[tuple, dict] = {}          # (shape, decoding, policy step key) -> steps by kind
@@ -289,9 +331,18 @@ class Engine:
     def generate(self, prompt, *, gen_length: int, steps: int, block_length: int | None = None,
                  remasking: str | None = None, alg: str | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0, chat: bool = False,
-                 prompt_bucket: int | None = None, policy=None, threshold: float | None = None) -> Generation:
+                 prompt_bucket: int | None = None, policy=None, threshold: float | None = None,
+                 on_step: Callable[[StepEvent], None] | None = None) -> Generation:
         """threshold: commit every masked row of the block whose p(x0) >= threshold (at least one per
-        step); the number of steps then depends on the data (steps only has to divide into blocks)."""
+        step); the number of steps then depends on the data (steps only has to divide into blocks).
+        on_step: called after every step with a StepEvent; only then is the canvas read back per step.
+        Safe to call from many threads: requests run one at a time, in arrival order."""
+        with self._lock:
+            return self._generate(prompt, gen_length, steps, block_length, remasking, alg, temperature, top_p,
+                                  top_k, seed, chat, prompt_bucket, policy, threshold, on_step)
+
+    def _generate(self, prompt, gen_length, steps, block_length, remasking, alg, temperature, top_p, top_k, seed,
+                  chat, prompt_bucket, policy, threshold, on_step) -> Generation:
         cfg = self.cfg
         policy = policy or NoCache()
         dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k, threshold)
@@ -303,6 +354,8 @@ class Engine:
         st = self.state_for(shape, dc)
 
         step_fns = {k: with_noise(st, runners[k]) for k in kinds_needed}
+        if on_step is not None:
+            step_fns = self._observed(step_fns, st, on_step)
 
         with torch.inference_mode():
             self._sync()
@@ -324,6 +377,28 @@ class Engine:
                           seconds=t1 - t0,
                           backend=self.backend, capture_seconds=capture_seconds,
                           prompt_tokens=[len(p) for p in prompts])
+
+    def _observed(self, step_fns: dict, st: StepState, on_step) -> dict:
+        """Step functions that, after each step, read the response back and tell the observer."""
+        P, mask = st.shape.prompt_bucket, self.cfg.mask_id
+        seen = {"n": 0, "prev": None, "t": 0.0}
+
+        def wrap(kind, fn):
+            def step():
+                if seen["prev"] is None:
+                    self._sync()
+                    seen["prev"] = st.tokens[:, P:].tolist()
+                    seen["t"] = time.perf_counter()
+                fn()
+                self._sync()
+                now, canvas = time.perf_counter(), st.tokens[:, P:].tolist()
+                committed = [[j for j, (a, b) in enumerate(zip(old, new)) if a == mask and b != mask]
+                             for old, new in zip(seen["prev"], canvas)]
+                on_step(StepEvent(seen["n"], kind, canvas, committed, now - seen["t"], mask))
+                seen["n"] += 1
+                seen["prev"], seen["t"] = canvas, time.perf_counter()
+            return step
+        return {k: wrap(k, fn) for k, fn in step_fns.items()}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
