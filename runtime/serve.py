@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import anyio
@@ -158,18 +158,17 @@ def _policy(body: dict, opts: ServeOptions, known: dict[str, dict]) -> Any:
     name = body.get("policy", opts.policy.name)
     if not isinstance(name, str):
         raise bad(f"policy must be a string, one of {', '.join(opts.policy_names)}", "policy")
-    if name not in known:
-        try:
-            make_policy(name)
-        except RequestError as e:
-            raise bad(str(e), "policy", "unknown_policy") from None
-    params = dict(opts.policy.params()) if name == opts.policy.name else dict(known[name])
+    try:
+        defaults = known[name] if name in known else make_policy(name).params()
+    except RequestError as e:
+        raise bad(str(e), "policy", "unknown_policy") from None
+    params = dict(opts.policy.params()) if name == opts.policy.name else dict(defaults)
     all_options = {o for opts_ in known.values() for o in opts_}
     for key in all_options & set(body):
         if key not in params:
             raise bad(f"option {key!r} does not apply to policy {name} (its options: "
                       f"{', '.join(params) or 'none'})", key)
-        default, v = known[name][key], body[key]
+        default, v = defaults[key], body[key]
         if isinstance(default, bool):
             if not isinstance(v, bool):
                 raise bad(f"{key} must be true or false, got {v!r}", key)
@@ -203,7 +202,7 @@ def parse_request(body: Any, *, chat: bool, opts: ServeOptions, engine: Engine,
         raise bad("the request body must be a JSON object")
     main = {"messages"} if chat else {"prompt"}
     allowed = main | {"model", "max_tokens", "stop", "stream", "stream_options", "seed", "temperature",
-                      "top_p", "steps", "block_length", "policy", *DECODING_FIELDS}
+                      "top_p", "top_k", "steps", "block_length", "policy", *DECODING_FIELDS}
     if chat:
         allowed.add("max_completion_tokens")
     _check_fields(body, allowed, known)
@@ -229,6 +228,9 @@ def parse_request(body: Any, *, chat: bool, opts: ServeOptions, engine: Engine,
     decoding["temperature"] = temperature
     if top_p is not None and top_p != 1:           # top_p 1 keeps the whole distribution: no filter
         decoding["top_p"] = top_p
+    top_k = _int(body, "top_k", 1, None)           # Dream only (the engine says so for LLaDA)
+    if top_k is not None:
+        decoding["top_k"] = top_k
     _number(body, "threshold")
     for key in ("remasking", "alg"):
         if decoding.get(key) is not None and not isinstance(decoding[key], str):

@@ -16,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx2 as httpx  # the HTTP client the openai package itself uses
 import pytest
 
-openai = pytest.importorskip("openai")
+for _extra in ("uvicorn", "starlette", "sse_starlette", "prometheus_client"):    # the `serve` extra
+    pytest.importorskip(_extra, reason="dllm serve needs the serve extra: pip install -e '.[serve]'")
+openai = pytest.importorskip("openai", reason="the test extra's openai client is not installed")
+httpx = pytest.importorskip("httpx2")            # the HTTP client the openai package itself uses
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "trained" / "arith-llada"
@@ -296,6 +298,7 @@ def test_queue_full_and_disconnects(tmp_path):
         m = metrics(s)
         assert m[("dllm_requests_total", (("endpoint", "completions"), ("outcome", "cancelled")))] == before + 2
         assert httpx.get(s.url + "/health").json()["queue"] == 0
+        assert post(s, "sort 93142\n", 8).json()["choices"][0]["text"] == "12349"     # the engine is fine after
     finally:
         stop_server(s)
 
