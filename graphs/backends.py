@@ -1,8 +1,9 @@
-"""How a step function is executed: eager | compile | cudagraph | compile+cudagraph (DESIGN.md §6).
+"""How a step function is executed: eager | compile | cudagraph | compile+cudagraph
+(docs/ARCHITECTURE.md, "Backends"). Depends on torch only.
 
-A backend takes the step bodies of one request shape (zero-argument functions that update
-preallocated buffers in place, runtime.steps.step_bodies) and returns runnable steps of the same
-kinds. The scheduler replays them without knowing which backend it drives.
+A backend takes the step bodies of one prepared request (zero-argument functions that update
+preallocated buffers in place), in capture order, and returns runnable steps of the same kinds. The
+scheduler replays them without knowing which backend it drives.
 
 - eager:             the bodies as they are.
 - compile:           torch.compile(fullgraph=True, dynamic=False): one graph per kind, no graph
@@ -23,8 +24,6 @@ import torch
 from .capture import GraphPool, capture
 
 BACKENDS = ("eager", "compile", "cudagraph", "compile+cudagraph")
-# Largest first: capture order lets later (smaller) graphs reuse the pool's blocks.
-KIND_ORDER = ("full", "prompt_refresh", "response_refresh", "partial", "block")
 
 
 class BackendError(ValueError):
@@ -66,9 +65,10 @@ def prepare(name: str, bodies: dict[str, Callable[[], None]], reset: Callable[[]
             pool: GraphPool | None = None) -> tuple[dict[str, Callable[[], None]], float]:
     """Compile / capture the bodies for a backend; returns (runnable steps by kind, seconds spent).
 
-    Warm-up and capture run the steps on the live buffers, so the caller refills the state before
-    the next generation (Engine.generate always does)."""
-    kinds = sorted(bodies, key=KIND_ORDER.index)
+    `bodies` is in capture order (the policy's: largest graph first, so later, smaller graphs reuse
+    the pool's blocks). Warm-up and capture run the steps on the live buffers, so the caller refills
+    the state before the next generation (Engine.generate always does)."""
+    kinds = list(bodies)
     if name == "eager":
         return dict(bodies), 0.0
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""CUDA graph capture of step functions (DESIGN.md §6).
+"""CUDA graph capture of step functions (docs/ARCHITECTURE.md, "Backends"). Depends on torch only.
 
 Every tensor a step reads or writes (canvas, schedules, caches, noise) is allocated before capture and
 updated in place, so a graph holds no live outputs in its memory pool. That makes it safe for all the

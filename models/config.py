@@ -14,7 +14,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder, config or tensor file that cannot be used; the message says how to fix it."""
 
 
-# Fallback ids when config.json does not carry them (DESIGN.md §2).
+# Fallback ids when config.json does not carry them: the released checkpoints' (docs/ARCHITECTURE.md, "Checkpoints").
 _LLADA_IDS = dict(mask_id=126336, eos_id=126081, pad_id=126081, bos_id=126080, eot_id=126348)
 _DREAM_IDS = dict(mask_id=151666, eos_id=151643, pad_id=151643, bos_id=151665, eot_id=151645)
 

@@ -1,10 +1,14 @@
 """The network as plain functions: RMSNorm, rotate-half RoPE, bidirectional attention, SwiGLU.
 
-Knows nothing about caching: a step function (runtime/steps.py) decides which rows go through
-`block` and where the results are stored. Shapes: B batch, S rows computed, L canvas length,
-H / Hkv query / key-value heads, hd head dim, d model width, F FFN width, V vocab.
+Knows nothing about caching. The one layer primitive is `layer_rows`: a subset of rows through one
+layer, attending over keys and values the caller supplies; `block` is the same primitive over every
+row. The runtime (runtime/steps.py) only decides which rows go through it and where the results are
+stored (docs/ARCHITECTURE.md). Shapes: B batch, S rows computed, L canvas length, H / Hkv query /
+key-value heads, hd head dim, d model width, F FFN width, V vocab.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +47,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool
     return x * c + _rotate_half(x) * s
 
 
-def qkv(w: Weights, cfg: ModelConfig, i: int, xn: torch.Tensor):
-    """xn [B, S, d] (normed) -> q [B, H, S, hd], k [B, Hkv, S, hd], v [B, Hkv, S, hd] (no RoPE yet)."""
-    B, S, _ = xn.shape
-    y = xn @ w.wqkv[i].t()                                            # [B, S, q + 2kv]
+def project(w: Weights, cfg: ModelConfig, i: int, xn: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """xn [B, S, d] (normed) -> columns lo:hi of the fused q|k|v projection [B, S, hi - lo] (bias included)."""
+    y = xn @ w.wqkv[i, lo:hi].t()
     if w.bqkv is not None:
-        y = y + w.bqkv[i]
-    q, k, v = y.split([cfg.q_width, cfg.kv_width, cfg.kv_width], dim=-1)
-    q = q.view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    return q, k, v
+        y = y + w.bqkv[i, lo:hi]
+    return y
+
+
+def heads(y: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """[B, S, n_heads * hd] -> [B, n_heads, S, hd]."""
+    B, S, _ = y.shape
+    return y.view(B, S, n_heads, head_dim).transpose(1, 2)
+
+
+def values(w: Weights, cfg: ModelConfig, i: int, xn: torch.Tensor) -> torch.Tensor:
+    """xn [B, S, d] (normed) -> V [B, Hkv, S, hd]: only the V slice of the fused projection."""
+    return heads(project(w, cfg, i, xn, cfg.q_width + cfg.kv_width), cfg.n_kv_heads, cfg.head_dim)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, gqa: bool) -> torch.Tensor:
@@ -87,20 +97,44 @@ def ffn(w: Weights, cfg: ModelConfig, i: int, h: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up) @ w.w_down[i].t()
 
 
+def _own_keys(k, v, xn):
+    return k, v
+
+
+def layer_rows(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               key_mask: torch.Tensor, keys: Callable = _own_keys, *, with_v: bool = True,
+               probs_out: torch.Tensor | None = None):
+    """Layer i for the rows x [B, S, d] (the residual stream at those rows), attending over all L keys.
+
+    cos, sin [B, 1, S, hd]: RoPE at the rows' positions. keys(k, v, xn) receives the rows' post-RoPE
+    keys k [B, Hkv, S, hd], their values v [B, Hkv, S, hd] (None when with_v is False: the caller has
+    the values already, e.g. from V-verify) and the normed rows xn [B, S, d]; it stores what the caller
+    caches and returns the keys and values [B, Hkv, L, hd] to attend over (default: the rows' own, so
+    S = L is a full layer). probs_out [B, S, L], if given, receives the head-averaged attention.
+
+    Returns (attention delta a [B, S, d], FFN delta m [B, S, d], k, v); the rows' output is x + a + m."""
+    xn = rms_norm(x, w.attn_norm[i], cfg.norm_eps)
+    y = project(w, cfg, i, xn, 0, cfg.q_width + cfg.kv_width * (2 if with_v else 1))
+    q = heads(y[..., :cfg.q_width], cfg.n_heads, cfg.head_dim)                       # [B, H, S, hd]
+    k = heads(y[..., cfg.q_width:cfg.q_width + cfg.kv_width], cfg.n_kv_heads, cfg.head_dim)
+    v = heads(y[..., cfg.q_width + cfg.kv_width:], cfg.n_kv_heads, cfg.head_dim) if with_v else None
+    q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
+    k_all, v_all = keys(k, v, xn)                                                   # [B, Hkv, L, hd]
+    if probs_out is not None:
+        probs_out.copy_(attention_probs(q, k_all, key_mask, cfg))
+    a = attn_out(w, i, attention(q, k_all, v_all, key_mask, cfg.n_heads != cfg.n_kv_heads))
+    m = ffn(w, cfg, i, x + a)
+    return a, m, k, v
+
+
 def block(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos, sin, key_mask,
           probs_out: torch.Tensor | None = None):
-    """One full layer over all rows of x [B, L, d].
+    """One full layer over all rows of x [B, L, d]: layer_rows with every row.
 
     Returns (attention delta [B, L, d], FFN delta [B, L, d], k [B, Hkv, L, hd] post-RoPE, v);
     the layer output is x + a + m. probs_out [B, L, L], if given, receives the head-averaged
     attention probabilities."""
-    q, k, v = qkv(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))
-    q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
-    if probs_out is not None:
-        probs_out.copy_(attention_probs(q, k, key_mask, cfg))
-    a = attn_out(w, i, attention(q, k, v, key_mask, cfg.n_heads != cfg.n_kv_heads))
-    m = ffn(w, cfg, i, x + a)
-    return a, m, k, v
+    return layer_rows(w, cfg, i, x, cos, sin, key_mask, probs_out=probs_out)
 
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:

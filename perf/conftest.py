@@ -15,7 +15,7 @@ import torch
 from dllm.graphs import available
 from dllm.models.tiny import SHAPE_PRESETS
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
-from dllm.runtime.buffers import RequestShape
+from dllm.runtime.state import RequestShape
 
 from .e2e import preset_engine, random_prompt
 
@@ -55,7 +55,7 @@ def pytest_generate_tests(metafunc):
     policies = _split(cfg, "--policies", POLICIES)
     if "step_case" in metafunc.fixturenames:
         cases = [(pr, po, b, k) for pr in presets for po in policies for b in backends
-                 for k in POLICIES[po].kinds()]
+                 for k in POLICIES[po].kinds]
         metafunc.parametrize("step_case", cases, ids=["-".join(c) for c in cases])
     if "e2e_case" in metafunc.fixturenames:
         cases = [(pr, po, b) for pr in presets for po in policies for b in backends]

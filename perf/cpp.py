@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dllm.graphs import export as ex
+from dllm.runtime import export as ex
 from dllm.models.tiny import PRESETS
 
 from .e2e import parse_policy, preset_engine, random_prompt

@@ -17,7 +17,7 @@ import torch
 
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from dllm.runtime import Engine
-from dllm.runtime.policies import make_policy
+from dllm.runtime import make_policy
 
 
 def parse_policy(spec: str):

@@ -4,7 +4,7 @@
 
 Per family, in one run: every policy's end-to-end seconds, tokens/s, speedup over NoCache and token
 agreement with it (perf.e2e); every available backend's per-step latency and its ratio to eager
-(perf.steps); on CUDA also the partial step against the weight-streaming floor. Prints Markdown;
+(perf.steps); on CUDA also the dLLM-Cache verify step against the weight-streaming floor. Prints Markdown;
 --update-readme rewrites the README section between the perf.report markers with it.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache
-from dllm.runtime.buffers import RequestShape
+from dllm.runtime.state import RequestShape
 
 from .e2e import policy_rows, preset_engine, random_prompt
 from .steps import KINDS, backend_times, weight_floor
@@ -72,8 +72,8 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
     if device.type == "cuda":
         floor, bw = weight_floor(eng.weights, device)
         out += ["", f"Weight-streaming floor {floor * 1e3:.2f} ms ({floor * bw / 1e9:.2f} GB at {bw / 1e12:.2f} "
-                    f"TB/s measured); partial step / floor: " +
-                ", ".join(f"{n} {res[n]['partial'] / floor:.2f}×" for n in names)]
+                    f"TB/s measured); verify step / floor: " +
+                ", ".join(f"{n} {res[n]['verify'] / floor:.2f}×" for n in names)]
     return out + [""]
 
 

@@ -20,12 +20,12 @@ import torch
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache, Engine
-from dllm.runtime.buffers import RequestShape
+from dllm.runtime.state import RequestShape
 from dllm.runtime.decoding import DecodeConfig
 
 from .e2e import preset_engine, random_prompt
 
-KINDS = ("full", "response_refresh", "partial", "prompt_refresh")
+KINDS = ("full", "response_refresh", "verify", "prompt_refresh")   # report order
 
 
 def time_kind(run, st, iters: int, sync) -> float:
@@ -47,10 +47,11 @@ def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, ite
     res, prep = {}, {}
     for name in names:
         eng = Engine(cfg, weights, device=device, dtype=dtype, backend=name)
-        runners, prep[name] = eng.prepare_steps(shape, dc, policy, list(KINDS))
-        st = eng.state_for(shape, dc)
+        prepared = eng.prepared(shape, dc, policy)
+        prep[name] = eng.prepare_steps(prepared, policy.kinds)
+        runners, st = prepared.steps, prepared.state
         with torch.inference_mode():
-            st.fill(cfg, [prompt], seed=0)
+            prepared.fill(cfg, [prompt], seed=0)
             for k in KINDS:                  # warm-up (the full step first writes every cache)
                 runners[k]()
             res[name] = {k: time_kind(runners[k], st, iters, sync) for k in KINDS}
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     prompt = random_prompt(cfg, a.prompt_len)
     names = a.backends or available(device)
     print(f"# {cfg.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}) P={a.prompt_len} "
-          f"G={a.gen_length} block={block} rho={a.rho} (budget {policy.budget(a.gen_length)} rows) "
+          f"G={a.gen_length} block={block} rho={a.rho} ({policy.n_verify(a.gen_length)} V-verify rows) "
           f"device={device.type} dtype={a.dtype} threads={torch.get_num_threads()} median of {a.iters}")
     res, prep = backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, a.iters)
     print(f"{'step kind':<18}" + "".join(f"{n + ' ms (full/kind)':>32}" for n in names))
@@ -108,8 +109,8 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         floor, bw = weight_floor(weights, device)
         print(f"weight-streaming floor: {floor * bw / 1e9:.2f} GB of weights / {bw / 1e12:.2f} TB/s measured = "
-              f"{floor * 1e3:.2f} ms; partial step / floor: " +
-              ", ".join(f"{n} {res[n]['partial'] / floor:.2f}x" for n in names))
+              f"{floor * 1e3:.2f} ms; verify step / floor: " +
+              ", ".join(f"{n} {res[n]['verify'] / floor:.2f}x" for n in names))
 
 
 def device_bandwidth(device, gib: int = 2, iters: int = 10) -> float:

@@ -19,10 +19,11 @@ def test_step(benchmark, models, engines, step_case):
     preset, policy_name, backend, kind = step_case
     m, eng, policy = models(preset), engines(preset, backend), POLICIES[policy_name]
     dc = DecodeConfig.make(m.cfg.family)
-    runners, prep = eng.prepare_steps(m.shape, dc, policy, policy.kinds())
-    st = eng.state_for(m.shape, dc)
+    prepared = eng.prepared(m.shape, dc, policy)
+    prep = eng.prepare_steps(prepared, policy.kinds)
+    runners, st = prepared.steps, prepared.state
     with torch.inference_mode():
-        st.fill(m.cfg, [m.prompt], seed=0)
+        prepared.fill(m.cfg, [m.prompt], seed=0)
         runners["full"]()                        # valid caches for the cached kinds
         _sync()
 

@@ -1,6 +1,7 @@
-"""Generation: what a step computes and in what order steps run."""
+"""Generation: what a step computes, which steps a policy runs, and in what order (docs/ARCHITECTURE.md)."""
 from .decoding import DecodeConfig, RequestError
-from .engine import Engine, Generation
-from .policies import D2Cache, DllmCache, DualCache, NoCache, make_policy
+from .engine import Bucket, Engine, Generation, StepEvent
+from .policy import POLICIES, D2Cache, DllmCache, DualCache, NoCache, Policy, make_policy
 
-__all__ = ["DecodeConfig", "Engine", "Generation", "D2Cache", "DllmCache", "DualCache", "NoCache", "RequestError", "make_policy"]
+__all__ = ["Bucket", "DecodeConfig", "Engine", "Generation", "StepEvent", "D2Cache", "DllmCache", "DualCache",
+           "NoCache", "POLICIES", "Policy", "RequestError", "make_policy"]

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+from dataclasses import fields
 
 from dllm.graphs import BACKENDS, BackendError
 from dllm.models.config import CheckpointError
 
 from .decoding import DREAM_ALGS, LLADA_REMASKING, RequestError
 from .engine import DTYPES
-from .policies import POLICIES, make_policy
+from .policy import POLICIES, make_policy
 
 EXPORT_FORMATS = ("torchscript", "aoti")
 
@@ -36,26 +38,23 @@ def _ids(text: str) -> list[int]:
 
 
 def policy_args(g) -> None:
+    """--policy and every policy's options, from the registry (each option is a policy dataclass field)."""
     g.add_argument("--policy", choices=list(POLICIES), default="none",
-                   help="cache policy: none (full refresh every step), dllm-cache, d2cache or dual-cache")
-    g.add_argument("--kp", type=int, default=100, help="dllm-cache: refresh the prompt every kp steps")
-    g.add_argument("--kr", type=int, default=7, help="dllm-cache: refresh the response every kr steps")
-    g.add_argument("--rho", type=float, default=0.25, help="dllm-cache: fraction of the response recomputed "
-                                                            "by V-verify in between")
-    g.add_argument("--k", type=int, default=32, help="d2cache: masked rows chosen by certainty x density")
-    g.add_argument("--sigma", type=float, default=10.0, help="d2cache: certainty-density kernel width")
-    g.add_argument("--attn-budget", type=int, default=32, help="d2cache: rows chosen by attention rollout")
-    g.add_argument("--attn-p", type=float, default=None,
-                   help="d2cache: also mask rollout picks beyond this top-p nucleus (reference: 0.1)")
-    g.add_argument("--quasi-l2r", action="store_true",
-                   help="d2cache: rank commits by confidence x certainty density (quasi left-to-right)")
+                   help="cache policy: " + ", ".join(POLICIES) + " (none: full refresh every step)")
+    for cls in POLICIES.values():
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in (bool, "bool"):
+                g.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+            else:
+                kind = f.metadata.get("type") or type(f.default)
+                g.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help"))
 
 
 def policy_from_args(a):
-    params = {"none": {}, "dllm-cache": dict(kp=a.kp, kr=a.kr, rho=a.rho),
-              "d2cache": dict(k=a.k, sigma=a.sigma, attn_budget=a.attn_budget, attn_p=a.attn_p,
-                              quasi_l2r=a.quasi_l2r), "dual-cache": {}}[a.policy]
-    return make_policy(a.policy, **params)
+    """The policy chosen on the command line, with its own options only."""
+    cls = POLICIES[a.policy]
+    return make_policy(a.policy, **{f.name: getattr(a, f.name) for f in fields(cls)})
 
 
 def model_args(g) -> None:
@@ -144,8 +143,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from dllm.graphs.export import export
     from .engine import Engine
+    from .export import export
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, backend="eager")
     info = export(eng, a.out, prompt_bucket=a.prompt_bucket, gen_length=a.gen_length, steps=a.steps,
                   block_length=a.block_length, policy=policy_from_args(a), remasking=a.remasking, alg=a.alg, fmt=a.format)
@@ -156,9 +155,8 @@ def cmd_export(a) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:                 # perf.report owns its flags
-        from dllm.perf.report import main as bench
-        return bench(argv[1:])
+    if argv[:1] == ["bench"]:                 # perf sits above the runtime: run it as its own program
+        return subprocess.call([sys.executable, "-m", "dllm.perf.report", *argv[1:]])
     if argv[:1] == ["eval"]:                  # lm-eval's own command line, with our model registered
         from .evaluate import main as evaluate
         return evaluate(argv[1:])

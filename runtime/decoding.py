@@ -1,4 +1,4 @@
-"""On-device token choice (DESIGN.md §5): LLaDA remasking, Dream algs, and their commit schedules.
+"""On-device token choice (docs/ARCHITECTURE.md, "Decoding"): LLaDA remasking, Dream algs, their commit schedules.
 
 Schedules are computed on the host once per request (they depend only on shapes), uploaded as
 tensors, and indexed inside the step by the device step counter, so a step never reads a tensor

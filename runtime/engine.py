@@ -23,12 +23,14 @@ from dllm.models.checkpoint import Weights, load_weights
 from dllm.models.config import CheckpointError, ModelConfig, load_config
 
 from . import scheduler
-from .buffers import Cache, D2Buffers, RequestShape, StepState
 from .decoding import DecodeConfig, RequestError, check_shape
-from .policies import NoCache
-from .steps import policy_bodies, with_noise
+from .policy import NoCache, Policy
+from .prepared import Prepared
+from .state import RequestShape, StepState
+from .steps import with_noise
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -151,10 +153,7 @@ class Engine:
         self.capture_on_demand = buckets is None if capture_on_demand is None else capture_on_demand
         self._tokenizer = None
         self._lock = FifoLock()                        # generate/capture: one at a time, in order
-        self._states: dict[tuple, StepState] = {}     # one preallocated state per request shape
-        self._caches: dict[RequestShape, Cache] = {}  # one cache per request shape, for caching policies
-        self._runners: dict[tuple, dict] = {}          # (shape, decoding, policy step key) -> steps by kind
-        self._d2: dict[tuple, D2Buffers] = {}          # d2Cache scratch per runner key
+        self._prepared: dict[tuple, Prepared] = {}    # (shape, decoding, policy key) -> its buffers and steps
         self._pool = GraphPool(self.device) if "cudagraph" in self.backend else None
         self.buckets: list[Bucket] = []
         self.capture_seconds = 0.0
@@ -233,65 +232,44 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def state_for(self, shape: RequestShape, dc: DecodeConfig) -> StepState:
-        key = (shape, dc)
-        if key not in self._states:
-            self._states[key] = StepState.allocate(self.cfg, shape, dc, self.device)
-        return self._states[key]
+    def prepared(self, shape: RequestShape, dc: DecodeConfig, policy: Policy) -> Prepared:
+        """The prepared request for this shape, decoding options and policy (allocated on first use)."""
+        key = (shape, dc, policy.key(shape))
+        if key not in self._prepared:
+            self._prepared[key] = Prepared.allocate(self.weights, self.cfg, shape, dc, policy, self.device, self.dtype)
+        return self._prepared[key]
 
-    def cache_for(self, shape: RequestShape) -> Cache:
-        if shape not in self._caches:
-            self._caches[shape] = Cache.allocate(self.cfg, shape, self.device, self.dtype)
-        return self._caches[shape]
-
-    def prepare_steps(self, shape: RequestShape, dc: DecodeConfig, policy, kinds) -> tuple[dict, float]:
-        """Runnable steps of the given kinds for this shape, preparing (compiling / capturing) the
-        missing ones; returns (steps by kind, seconds spent preparing now)."""
-        key = (shape, dc, policy.step_key(shape.gen_length))
-        have = self._runners.setdefault(key, {})
-        missing = [k for k in kinds if k not in have]
+    def prepare_steps(self, prep: Prepared, kinds) -> float:
+        """Make the given step kinds runnable (compile / capture the missing ones on this engine's
+        backend); returns the seconds spent now."""
+        missing = [k for k in prep.bodies if k in kinds and k not in prep.steps]
         if not missing:
-            return have, 0.0
-        st = self.state_for(shape, dc)
-        cache = self.cache_for(shape) if policy.uses_cache else None
-        bodies = policy_bodies(self.weights, self.cfg, st, cache, policy, self.d2_for(shape, dc, policy))
+            return 0.0
         # warm-up needs a sane canvas; generate() refills it with the real request afterwards
-        st.fill(self.cfg, [[self.cfg.pad_id] * shape.prompt_bucket] * shape.batch, seed=0)
+        prep.fill(self.cfg, [[self.cfg.pad_id] * prep.shape.prompt_bucket] * prep.shape.batch, seed=0)
 
         def reset():
-            st.rewind()
-            st.draw_noise()
+            prep.state.rewind()
+            prep.state.draw_noise()
         with torch.inference_mode():
-            new, seconds = backends.prepare(self.backend, {k: bodies[k] for k in missing}, reset, self._pool)
-        have.update(new)
-        return have, seconds
-
-    def d2_for(self, shape: RequestShape, dc: DecodeConfig, policy) -> D2Buffers | None:
-        if policy.name != "d2cache":
-            return None
-        if dc.family == "dream" and dc.alg == "origin":
-            raise RequestError("d2cache needs a fixed commit count per step; Dream's 'origin' alg reveals a "
-                               "random number of tokens. Use --alg maskgit_plus, topk_margin or entropy")
-        key = (shape, dc, policy.step_key(shape.gen_length))
-        if key not in self._d2:
-            st = self.state_for(shape, dc)
-            self._d2[key] = D2Buffers.allocate(self.cfg, shape, policy.k, policy.sigma, policy.attn_budget,
-                                               st.kmax, self.device)
-        return self._d2[key]
+            new, seconds = backends.prepare(self.backend, {k: prep.bodies[k] for k in missing}, reset, self._pool)
+        prep.steps.update(new)
+        prep.prepare_seconds += seconds
+        return seconds
 
     def capture(self, bucket: Bucket, policy=None, **decoding) -> float:
         """Prepare every step kind of `policy` for a bucket now; returns the seconds it took."""
         policy = policy or NoCache()
         shape = bucket.shape()
         self._check_shape(shape)
-        unknown = set(decoding) - {"remasking", "alg", "temperature", "top_p", "top_k"}
+        unknown = set(decoding) - set(DECODING_OPTIONS)
         if unknown:
-            raise RequestError(f"unknown decoding options {sorted(unknown)}; use remasking, alg, temperature, "
-                               f"top_p, top_k")
+            raise RequestError(f"unknown decoding options {sorted(unknown)}; use {', '.join(DECODING_OPTIONS)}")
         dc = DecodeConfig.make(self.cfg.family, **decoding)
-        _, seconds = self.prepare_steps(shape, dc, policy, policy.kinds())
-        if bucket not in self.buckets:
-            self.buckets.append(bucket)
+        with self._lock:
+            seconds = self.prepare_steps(self.prepared(shape, dc, policy), policy.kinds)
+            if bucket not in self.buckets:
+                self.buckets.append(bucket)
         return seconds
 
     def _check_shape(self, shape: RequestShape) -> None:
@@ -313,8 +291,7 @@ class Engine:
                 and prompt_bucket in (None, b.prompt)]
         for b in sorted(fits, key=lambda b: b.prompt):
             shape = b.shape()
-            key = (shape, dc, policy.step_key(gen_length))
-            if key in self._runners or self.capture_on_demand:
+            if (shape, dc, policy.key(shape)) in self._prepared or self.capture_on_demand:
                 return shape
         shape = RequestShape(len(prompts), prompt_bucket or longest, gen_length, block, steps)
         self._check_shape(shape)
@@ -348,22 +325,19 @@ class Engine:
         dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k, threshold)
         prompts = self._prompt_ids(prompt, chat)
         shape = self._pick_shape(prompts, gen_length, steps, block_length, prompt_bucket, dc, policy)
+        prep = self.prepared(shape, dc, policy)
         plan = None if threshold is not None else policy.plan(steps, steps // shape.n_blocks)
-        kinds_needed = policy.kinds() if plan is None else sorted(set(plan))
-        runners, capture_seconds = self.prepare_steps(shape, dc, policy, kinds_needed)
-        st = self.state_for(shape, dc)
-
-        step_fns = {k: with_noise(st, runners[k]) for k in kinds_needed}
+        kinds_needed = [k for k in policy.kinds if plan is None or k in plan]
+        capture_seconds = self.prepare_steps(prep, kinds_needed)
+        st = prep.state
+        step_fns = {k: with_noise(st, prep.steps[k]) for k in kinds_needed}
         if on_step is not None:
             step_fns = self._observed(step_fns, st, on_step)
 
         with torch.inference_mode():
             self._sync()
             t0 = time.perf_counter()
-            st.fill(cfg, prompts, seed)
-            d2 = self.d2_for(shape, dc, policy)
-            if d2 is not None:
-                d2.reset()
+            prep.fill(cfg, prompts, seed)
             if plan is None:
                 kinds = scheduler.run_until_done(policy.kind_at, step_fns, lambda: int(st.block.item()),
                                                  shape.n_blocks, shape.block_length)

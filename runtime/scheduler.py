@@ -1,7 +1,8 @@
 """Host-side step scheduler: replays the policy's step plan.
 
-It decides with host integers only (the plan); it never reads a tensor value, so the device runs
-ahead of the host for the whole generation.
+With a fixed schedule it decides with host integers only (the plan) and never reads a tensor value,
+so the device runs ahead of the host for the whole generation. Threshold decoding is the one
+exception: its step count depends on the data, so it reads one value per step (run_until_done).
 """
 from __future__ import annotations
 

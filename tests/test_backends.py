@@ -5,7 +5,7 @@ import torch
 
 from dllm.graphs import BackendError, backends
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from dllm.runtime.buffers import RequestShape
+from dllm.runtime.state import RequestShape
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.engine import Bucket
 
@@ -36,9 +36,10 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
             assert b.tokens == a.tokens and b.backend == "compile"
             kinds |= set(b.step_kinds)
             shape = RequestShape(1, 12, 16, KW[family].get("block_length", 16), 16)
-            assert _finite_close(eager.state_for(shape, dc).conf, comp.state_for(shape, dc).conf, 1e-5)
+            assert _finite_close(eager.prepared(shape, dc, policy).state.conf, comp.prepared(shape, dc, policy).state.conf,
+                                 1e-5)
         assert kinds == ({"full"} if policy is POLICIES[0] else
-                         {"full", "partial", "response_refresh", "prompt_refresh"})
+                         {"full", "verify", "response_refresh", "prompt_refresh"})
 
 
 def test_compile_refuses_a_graph_break():
@@ -89,7 +90,7 @@ def test_on_demand_capture_serves_unprepared_shapes(tiny_dirs, engines):
 def test_smallest_fitting_bucket_wins(tiny_dirs):
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="eager",
                                  buckets=[Bucket(32, 16, 16, 8), Bucket(8, 16, 16, 8), Bucket(16, 16, 16, 8)])
-    assert {k[0].prompt_bucket for k in eng._runners} == {8, 16, 32}
+    assert {k[0].prompt_bucket for k in eng._prepared} == {8, 16, 32}
     # an 11-token prompt goes to the 16 bucket, not the 32 one
     assert eng._pick_shape([PROMPTS[2]], 16, 16, 8, None, DecodeConfig.make("llada"), NoCache()).prompt_bucket == 16
 
@@ -116,9 +117,9 @@ def test_cudagraph_replay_is_bit_identical_to_eager(tiny_dirs, family):
                 == t.tokens
             shape = RequestShape(1, 12, 16, KW[family].get("block_length", 16), 16)
             if policy.uses_cache:
-                for name, t in eager.cache_for(shape).tensors().items():
-                    assert torch.equal(t, graph.cache_for(shape).tensors()[name]), name
-            assert torch.equal(eager.state_for(shape, dc).conf, graph.state_for(shape, dc).conf)
+                for name, t in eager.prepared(shape, dc, policy).cache.tensors().items():
+                    assert torch.equal(t, graph.prepared(shape, dc, policy).cache.tensors()[name]), name
+            assert torch.equal(eager.prepared(shape, dc, policy).state.conf, graph.prepared(shape, dc, policy).state.conf)
 
 
 @pytest.mark.cuda
@@ -142,5 +143,5 @@ def test_100_generations_leave_memory_unchanged_and_share_one_pool(tiny_dirs):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
     kinds = [k for k, _ in eng._pool.graphs]
-    assert sorted(kinds) == ["full", "partial", "prompt_refresh", "response_refresh"]
+    assert sorted(kinds) == ["full", "verify", "prompt_refresh", "response_refresh"]
     assert {g.pool() for _, g in eng._pool.graphs} == {eng._pool.handle}

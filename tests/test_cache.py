@@ -5,15 +5,23 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllm.runtime import DllmCache, NoCache, RequestError, make_policy
-from dllm.runtime.buffers import Cache, RequestShape, StepState
+from dllm.runtime.policy.dllm_cache import cached_forward
+from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.steps import block_logits, cached_forward, full_forward, make_steps
+from dllm.runtime.steps import block_logits, full_forward, with_noise
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 SETTINGS = {"llada": [dict(gen_length=16, steps=16, block_length=8), dict(gen_length=24, steps=12, block_length=8)],
             "dream": [dict(gen_length=16, steps=16), dict(gen_length=12, steps=6, alg="maskgit_plus")]}
 FAMILIES = ["llada", "dream"]
 BIG = 10 ** 6     # an interval longer than any test generation
+
+
+def make_steps(w, cfg, st, cache, budget: int = 0):
+    """Runnable eager dLLM-Cache steps by kind recomputing `budget` V-verify rows."""
+    policy = DllmCache(rho=budget / st.shape.gen_length)
+    assert policy.n_verify(st.shape.gen_length) == budget
+    return {k: with_noise(st, b) for k, b in policy.bodies(w, cfg, st, cache, None).items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -29,14 +37,14 @@ def test_refresh_every_step_equals_no_cache(engines, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_rho_one_partial_equals_response_refresh(engines, family):
-    # plans [full, partial, partial, ...] with every response row recomputed vs [full, response_refresh, ...]
+def test_rho_one_verify_equals_response_refresh(engines, family):
+    # plans [full, verify, verify, ...] with every response row recomputed vs [full, response_refresh, ...]
     eng = engines[family]
     for kw in SETTINGS[family]:
         for prompt in PROMPTS:
             part = eng.generate(prompt, policy=DllmCache(kp=BIG, kr=BIG, rho=1.0), **kw)
             resp = eng.generate(prompt, policy=DllmCache(kp=BIG, kr=1, rho=0.0), **kw)
-            assert part.step_kinds == {"full": 1, "partial": kw["steps"] - 1}
+            assert part.step_kinds == {"full": 1, "verify": kw["steps"] - 1}
             assert resp.step_kinds == {"full": 1, "response_refresh": kw["steps"] - 1}
             assert part.tokens == resp.tokens
 
@@ -59,7 +67,7 @@ def _exact_state(eng, prompt, G=16, block=8):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind,budget", [("partial", 4), ("partial", 16), ("partial", 0), ("response_refresh", 0),
+@pytest.mark.parametrize("kind,budget", [("verify", 4), ("verify", 16), ("verify", 0), ("response_refresh", 0),
                                          ("prompt_refresh", 4), ("prompt_refresh", 0)])
 def test_cached_step_on_exact_caches_reproduces_full_logits(engines, family, kind, budget):
     # Tolerance 1e-4 on O(1) fp32 logits: the recomputed rows go through different matmul shapes (V
@@ -81,13 +89,13 @@ def test_stale_caches_do_change_logits(engines):
     st, cache, _ = _exact_state(eng, PROMPTS[0])
     make_steps(eng.weights, eng.cfg, st, cache)["full"]()              # commits a token, caches now one behind
     with torch.inference_mode():
-        reuse = block_logits(eng.weights, eng.cfg, st, cached_forward(eng.weights, eng.cfg, st, cache, "partial", 0))
+        reuse = block_logits(eng.weights, eng.cfg, st, cached_forward(eng.weights, eng.cfg, st, cache, "verify", 0))
         fresh = block_logits(eng.weights, eng.cfg, st, full_forward(eng.weights, eng.cfg, st))
     assert (reuse - fresh).abs().max() > 1e-3
 
 
 def test_v_verify_picks_the_least_similar_rows():
-    from dllm.runtime.steps import v_verify
+    from dllm.runtime.policy.dllm_cache import v_verify
     old = torch.randn(2, 2, 6, 4)
     new = old.clone()
     new[0, :, 4] = -old[0, :, 4]            # cos -1: the most changed
@@ -101,10 +109,10 @@ def test_v_verify_picks_the_least_similar_rows():
 def test_plan_counts():
     plan = DllmCache(kp=100, kr=7, rho=0.25).plan(256)
     assert {k: plan.count(k) for k in set(plan)} == {"full": 1, "prompt_refresh": 2, "response_refresh": 36,
-                                                      "partial": 217}
+                                                      "verify": 217}
     assert plan[0] == "full" and plan[100] == plan[200] == "prompt_refresh" and plan[7] == "response_refresh"
-    assert DllmCache(kp=2, kr=3).plan(7) == ["full", "partial", "prompt_refresh", "response_refresh",
-                                            "prompt_refresh", "partial", "full"]
+    assert DllmCache(kp=2, kr=3).plan(7) == ["full", "verify", "prompt_refresh", "response_refresh",
+                                            "prompt_refresh", "verify", "full"]
     assert NoCache().plan(3) == ["full"] * 3
 
 
@@ -112,13 +120,13 @@ def test_counter_runs_across_blocks(engines):
     # 4 blocks of 4 steps, kr = 3: response refreshes at steps 4, 7, 10, 13 regardless of block starts
     out = engines["llada"].generate(PROMPTS[0], gen_length=16, steps=16, block_length=4,
                                     policy=DllmCache(kp=BIG, kr=3, rho=0.25))
-    assert out.step_kinds == {"full": 1, "response_refresh": 5, "partial": 10}
+    assert out.step_kinds == {"full": 1, "response_refresh": 5, "verify": 10}
 
 
-def test_budget():
-    assert DllmCache(rho=0.25).budget(256) == 64
-    assert DllmCache(rho=0.25).budget(3) == 0          # int(0.75) == 0: pure reuse
-    assert DllmCache(rho=1.0).budget(17) == 17
+def test_n_verify():
+    assert DllmCache(rho=0.25).n_verify(256) == 64
+    assert DllmCache(rho=0.25).n_verify(3) == 0          # int(0.75) == 0: pure reuse
+    assert DllmCache(rho=1.0).n_verify(17) == 17
 
 
 @pytest.mark.parametrize("params,msg", [(dict(kp=0), "kp must be an integer >= 1"),
@@ -168,7 +176,7 @@ def test_steps_never_sync_the_host(engines, family, dkw):
     with pytest.raises(AssertionError, match="host sync"), NoHostSync():
         st.step.item()
     with torch.inference_mode(), NoHostSync():
-        for kind in ["full", "partial", "response_refresh", "prompt_refresh", "partial"]:
+        for kind in ["full", "verify", "response_refresh", "prompt_refresh", "verify"]:
             steps[kind]()
 
 
@@ -178,10 +186,10 @@ def test_nothing_is_allocated_across_100_steps(engines):
     policy = DllmCache(kp=50, kr=7, rho=0.25)
     eng.generate(PROMPTS[0], policy=policy, **kw)                      # warm-up: allocates state and cache
     shape = RequestShape(1, len(PROMPTS[0]), 128, 32, 128)
-    st = eng.state_for(shape, DecodeConfig.make("llada"))
-    cache = eng.cache_for(shape)
+    prep = eng.prepared(shape, DecodeConfig.make("llada"), policy)
+    st, cache = prep.state, prep.cache
     before = {n: (t.data_ptr(), t.shape) for n, t in {**cache.tensors(), "tokens": st.tokens}.items()}
-    steps = make_steps(eng.weights, eng.cfg, st, cache, policy.budget(128))
+    steps = make_steps(eng.weights, eng.cfg, st, cache, policy.n_verify(128))
     plan = policy.plan(128)
     with torch.inference_mode():
         st.fill(eng.cfg, [PROMPTS[0]], seed=0)
@@ -192,7 +200,7 @@ def test_nothing_is_allocated_across_100_steps(engines):
     retained = sum(e.self_cpu_memory_usage for e in prof.events())
     assert retained == 0, f"{retained} bytes still allocated after 100 steps"
     assert {n: (t.data_ptr(), t.shape) for n, t in {**cache.tensors(), "tokens": st.tokens}.items()} == before
-    assert set(plan[1:101]) == {"partial", "response_refresh", "prompt_refresh"}
+    assert set(plan[1:101]) == {"verify", "response_refresh", "prompt_refresh"}
 
 
 @pytest.mark.cuda
@@ -226,7 +234,7 @@ def test_half_precision_runs_every_kind(tiny_dirs, family, dtype):
     eng = Engine.from_pretrained(tiny_dirs[family], dtype=dtype, backend="eager")
     assert eng.weights.wqkv.dtype == dtype
     out = eng.generate(PROMPTS[0], gen_length=16, steps=16, policy=DllmCache(kp=5, kr=3, rho=0.25))
-    assert set(out.step_kinds) == {"full", "partial", "response_refresh", "prompt_refresh"}
+    assert set(out.step_kinds) == {"full", "verify", "response_refresh", "prompt_refresh"}
     assert eng.cfg.mask_id not in out.tokens[0]
     full32 = Engine.from_pretrained(tiny_dirs[family], backend="eager").generate(PROMPTS[0], gen_length=16, steps=16)
     # low precision changes some choices, but on O(1) logits most survive
@@ -239,7 +247,6 @@ def test_step_bodies_compile_as_one_graph(engines):
     # with top-p sampling) traces with fullgraph=True, i.e. no graph break and no host sync, and the
     # compiled body updates canvas and caches like the eager one (tolerance 1e-4: Inductor fuses and
     # reorders fp32 reductions).
-    from dllm.runtime.steps import step_bodies
     eng = engines["dream"]
     cfg = eng.cfg
     dc = DecodeConfig.make("dream", temperature=0.7, top_p=0.9)
@@ -249,10 +256,10 @@ def test_step_bodies_compile_as_one_graph(engines):
         st = StepState.allocate(cfg, shape, dc, "cpu")
         cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
         st.fill(cfg, PROMPTS[1:], seed=3)
-        bodies = step_bodies(eng.weights, cfg, st, cache, budget=4)
-        partial = torch.compile(bodies["partial"], fullgraph=True, dynamic=False) if compiled else bodies["partial"]
+        bodies = DllmCache(rho=4 / 16).bodies(eng.weights, cfg, st, cache, None)
+        verify = torch.compile(bodies["verify"], fullgraph=True, dynamic=False) if compiled else bodies["verify"]
         with torch.inference_mode():
-            for body in (bodies["full"], partial, partial):
+            for body in (bodies["full"], verify, verify):
                 st.draw_noise()
                 body()
         runs.append((st, cache))

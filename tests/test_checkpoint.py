@@ -60,7 +60,7 @@ def test_ids_come_from_the_config(tmp_path):
     raw = json.loads((d / "config.json").read_text())
     del raw["mask_token_id"]
     (d / "config.json").write_text(json.dumps(raw))
-    assert load_config(d).mask_id == 126336                          # the DESIGN.md §2 fallback
+    assert load_config(d).mask_id == 126336                          # the released LLaDA id, the fallback
 
 
 # ---------------------------------------------------------------- bad input: one clear message each

@@ -109,7 +109,7 @@ def test_policy_flags(capsys, tiny_dirs, engines):
                          "--steps", 16, "--policy", "dllm-cache", "--kp", 5, "--kr", 3, "--rho", 0.25, "--json")
     assert rc == 0
     obj = json.loads(out)
-    assert obj["step_kinds"] == {"full": 2, "partial": 8, "response_refresh": 4, "prompt_refresh": 2}
+    assert obj["step_kinds"] == {"full": 2, "verify": 8, "response_refresh": 4, "prompt_refresh": 2}
     ref = engines["dream"].generate([5, 6, 7], gen_length=16, steps=16, policy=DllmCache(5, 3, 0.25))
     assert obj["tokens"] == ref.tokens
 

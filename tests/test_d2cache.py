@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from dllm.runtime import D2Cache, Engine, RequestError, make_policy
-from dllm.runtime.buffers import Cache, D2Buffers, RequestShape, StepState
+from dllm.runtime.policy.d2cache import D2Buffers
+from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.selectors import certainty_density, d2_select, dedupe, nucleus, rollout_full, rollout_rows, row_mask
-from dllm.runtime.steps import d2_full, d2_partial
+from dllm.runtime.policy.d2cache import certainty_density, d2_select, dedupe, nucleus, rollout_full, rollout_rows, row_mask
+from dllm.runtime.policy.d2cache import d2_full, d2_selected
 from tests.test_cache import NoHostSync
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -27,7 +28,7 @@ def test_budget_covering_every_row_equals_no_cache(engines, family):
         for prompt in PROMPTS:
             out = eng.generate(prompt, policy=EVERY_ROW, **kw)
             assert out.tokens == eng.generate(prompt, **kw).tokens
-            assert out.step_kinds == {"full": 1, "partial": kw["steps"] - 1}
+            assert out.step_kinds == {"full": 1, "selected": kw["steps"] - 1}
 
 
 def _d2(G, sigma, B=1, P=4):
@@ -68,7 +69,7 @@ def test_rollout_by_hand():
     assert torch.allclose(d2.importance, torch.tensor([[0.875, 1.125]]))
 
 
-def test_partial_rollout_equals_explicit_matrices():
+def test_selected_rollout_equals_explicit_matrices():
     # identity rows for rows not recomputed; the vector pass equals prod of explicit L x L matrices
     torch.manual_seed(0)
     nL, L, S = 3, 6, 3
@@ -111,7 +112,7 @@ def _state(eng, policy, prompt, G=16, block=None):
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_partial_step_writes_only_its_rows(engines, family):
+def test_selected_step_writes_only_its_rows(engines, family):
     eng = engines[family]
     pol = D2Cache(k=3, attn_budget=2)
     st, cache, d2 = _state(eng, pol, PROMPTS[0])
@@ -120,9 +121,9 @@ def test_partial_step_writes_only_its_rows(engines, family):
         changed = False
         for _ in range(3):
             before = {n: t.clone() for n, t in cache.tensors().items()}
-            d2_partial(eng.weights, eng.cfg, st, cache, d2, None, False)
+            d2_selected(eng.weights, eng.cfg, st, cache, d2, None, False)
             chosen = row_mask(d2.rows, d2.valid, st.shape.length)[0]          # [L]
-            assert 1 <= int(chosen.sum()) <= d2.budget == 3 + st.kmax + 2
+            assert 1 <= int(chosen.sum()) <= d2.row_budget == 3 + st.kmax + 2
             for name in ("k", "v"):                                           # [nL, B, Hkv, L, hd]
                 assert torch.equal(cache.tensors()[name][:, :, :, ~chosen], before[name][:, :, :, ~chosen])
                 changed |= not torch.equal(cache.tensors()[name][:, :, :, chosen], before[name][:, :, :, chosen])
@@ -170,7 +171,7 @@ def test_d2_steps_never_sync_the_host(engines, family):
     st, cache, d2 = _state(eng, pol, PROMPTS[0])
     with torch.inference_mode(), NoHostSync():
         d2_full(eng.weights, eng.cfg, st, cache, d2, True)
-        d2_partial(eng.weights, eng.cfg, st, cache, d2, pol.attn_p, True)
+        d2_selected(eng.weights, eng.cfg, st, cache, d2, pol.attn_p, True)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -194,7 +195,7 @@ def _commit_distances(eng, prompt, quasi):
             if i == 0:
                 d2_full(eng.weights, eng.cfg, st, cache, d2, quasi)
             else:
-                d2_partial(eng.weights, eng.cfg, st, cache, d2, None, quasi)
+                d2_selected(eng.weights, eng.cfg, st, cache, d2, None, quasi)
             new = [j for j, k in enumerate((st.tokens[0, P:] != eng.cfg.mask_id).tolist()) if k and not known[j]]
             for j in new:
                 dist.append(min([j + 1] + [abs(j - q) for q, k in enumerate(known) if k]))
@@ -230,6 +231,6 @@ def test_cli_flags(capsys, tiny_dirs, engines):
                "--steps", "16", "--policy", "d2cache", "--k", "4", "--sigma", "5", "--attn-budget", "3",
                "--attn-p", "0.2", "--quasi-l2r", "--backend", "eager", "--json"])
     obj = json.loads(capsys.readouterr().out)
-    assert rc == 0 and obj["step_kinds"] == {"full": 1, "partial": 15}
+    assert rc == 0 and obj["step_kinds"] == {"full": 1, "selected": 15}
     pol = D2Cache(k=4, sigma=5.0, attn_budget=3, attn_p=0.2, quasi_l2r=True)
     assert obj["tokens"] == engines["dream"].generate([5, 6, 7], gen_length=16, steps=16, policy=pol).tokens

@@ -6,9 +6,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from dllm.runtime.buffers import Cache, RequestShape, StepState
+from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.steps import block_logits, dual_forward, full_forward, full_refresh
+from dllm.runtime.policy.dual_cache import dual_forward
+from dllm.runtime.steps import block_logits, full_forward, full_step
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 ALL_POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25), D2Cache(k=4, attn_budget=4), DualCache()]
@@ -31,7 +32,7 @@ def test_dual_block_step_on_exact_caches_reproduces_full_logits(engines, family)
         st.fill(cfg, [prompt], seed=0)
         with torch.inference_mode():
             for _ in range(3):                                     # commit a few tokens, caches exact
-                full_refresh(eng.weights, cfg, st, cache)
+                full_step(eng.weights, cfg, st, cache)
             full = block_logits(eng.weights, cfg, st, full_forward(eng.weights, cfg, st, cache))
             got = block_logits(eng.weights, cfg, st, dual_forward(eng.weights, cfg, st, cache))
         assert (got - full).abs().max() < 1e-4 and full.abs().max() > 1.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm.graphs import export as ex
+from dllm.runtime import export as ex
 from dllm.runtime import D2Cache, DllmCache, DualCache, NoCache, RequestError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_cli_export(tiny_dirs, tmp_path, engines):
 
 
 # ---------------------------------------------------------------- AOTInductor packages (torch.export)
-# kp 100 / kr 3 over 16 steps uses full, partial and response_refresh: 4 programs with fill, ~10 s each
+# kp 100 / kr 3 over 16 steps uses full, verify and response_refresh: 4 programs with fill, ~10 s each
 
 AOTI_POLICIES = [NoCache(), DllmCache(kp=100, kr=3, rho=0.25)]
 

@@ -13,13 +13,13 @@ def test_e2e_prints_a_row_per_policy(capsys):
                          "d2cache:k=4,attn_budget=4", "dual-cache:threshold=0.5"}
     assert "block=" in " ".join(rows["dual-cache:threshold=0.5"])
     assert rows["dllm-cache:kp=1,kr=1,rho=0.25"][4] == "100.0%"      # refresh every step: NoCache's tokens
-    assert "partial=8" in " ".join(rows["dllm-cache:kp=4,kr=2,rho=0.5"])
+    assert "verify=8" in " ".join(rows["dllm-cache:kp=4,kr=2,rho=0.5"])
 
 
 def test_steps_prints_every_kind(capsys):
     steps.main(["--preset", "tiny", "--prompt-len", "12", "--gen-length", "16", "--block-length", "8", "--iters", "2"])
     out = capsys.readouterr().out
-    for kind in ("full", "response_refresh", "partial", "prompt_refresh"):
+    for kind in ("full", "response_refresh", "verify", "prompt_refresh"):
         assert f"\n{kind} " in out
 
 
@@ -44,7 +44,7 @@ def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path):
                  "--iters", "2"])
     out = capsys.readouterr().out
     assert out.startswith("Measured on ") and "torch " in out and "no GPU" in out
-    assert "| none | " in out and "| d2cache:k=4,attn_budget=4 | " in out and "| partial | " in out
+    assert "| none | " in out and "| d2cache:k=4,attn_budget=4 | " in out and "| verify | " in out
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.BEGIN}\nold\n{report.END}\nrest\n")
     report.update_readme("NEW TABLE", readme)

@@ -1,10 +1,11 @@
-"""Export the step functions of one request shape as a self-contained package (DESIGN.md §7).
+"""Export the step functions of one request shape as a self-contained package (docs/ARCHITECTURE.md,
+"Export"). A top-layer module: it uses the runtime, nothing in the runtime uses it.
 
     dllm export --model DIR --out PKG --prompt-bucket 64 --gen-length 128 --steps 128 --block-length 32
                 [--policy none|dllm-cache|d2cache|dual-cache ...] [--dtype ...] [--device ...]
 
 PKG/steps.pt is one TorchScript module whose buffers are the weights and every piece of step state
-(canvas, schedules, caches, selector scratch). Its methods share those buffers: `fill(prompt [1, P],
+(canvas, schedules, caches, the policy's scratch): the tensors of one runtime.prepared.Prepared. Its methods share those buffers: `fill(prompt [1, P],
 n_pad [1])` loads a left-padded prompt, and one method per step kind (`full`, `partial`, ...) runs that
 step in place. PKG/plan.json carries the shapes, ids and the step plan, so a host (graphs/cpp/dllm_run)
 needs no Python: fill, call the plan's methods in order, read the `st_tokens` buffer.
@@ -30,20 +31,14 @@ from pathlib import Path
 
 import torch
 
+from dllm import graphs
 from dllm.models.checkpoint import Weights
-from dllm.runtime.buffers import Cache, D2Buffers, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig, RequestError
-from dllm.runtime.steps import policy_bodies
+from dllm.runtime.policy import NoCache
+from dllm.runtime.prepared import Prepared, _tensors
+from dllm.runtime.state import RequestShape
 
 FORMATS = ("torchscript", "aoti")
-# State tensors no step writes: fill (re)writes them from the export-time values in the aoti format.
-STATIC = ("st_counts", "st_reveal_prob", "st_block_pos", "st_k_range", "cache_prompt_rows", "cache_resp_rows",
-          "d2_kernel", "d2_left", "d2_right")
-
-
-def _tensors(prefix: str, obj) -> dict[str, torch.Tensor]:
-    return {f"{prefix}_{f.name}": getattr(obj, f.name) for f in fields(obj)
-            if isinstance(getattr(obj, f.name), torch.Tensor)}
 
 
 def _step_module(tensors: dict[str, torch.Tensor], methods: dict) -> torch.nn.Module:
@@ -72,44 +67,41 @@ def _rebind(obj, prefix: str, tensors: dict):
 class _AotiProgram(torch.nn.Module):
     """forward(*extra, *state): runs one step kind (or fill) on state tensors passed in by the host."""
 
-    def __init__(self, engine, policy, kind, st, cache, d2, names):
+    def __init__(self, engine, prep: Prepared, kind: str, names: list[str]):
         super().__init__()
-        self.engine_cfg, self.policy, self.kind, self.names = engine.cfg, policy, kind, names
-        self.templates = (st, cache, d2)
+        self.engine_cfg, self.prep, self.kind, self.names = engine.cfg, prep, kind, names
         for name, t in _tensors("w", engine.weights).items():
             self.register_buffer(name, t)
         if kind == "fill":
-            state = {**_tensors("st", st), **(_tensors("cache", cache) if cache else {}),
-                     **(_tensors("d2", d2) if d2 else {})}
-            for name in STATIC:
-                if name in state:
-                    self.register_buffer("init_" + name, state[name].clone())
+            state = prep.tensors()
+            for name in prep.static_names():
+                self.register_buffer("init_" + name, state[name].clone())
 
     def forward(self, *args):
         extra = 2 if self.kind == "fill" else 0
         tensors = dict(zip(self.names, args[extra:]))
-        st, cache, d2 = (_rebind(o, p, tensors) for o, p in zip(self.templates, ("st", "cache", "d2")))
+        p = self.prep
+        view = replace(p, state=_rebind(p.state, "st", tensors), cache=_rebind(p.cache, "cache", tensors),
+                       scratch=_rebind(p.scratch, "scratch", tensors))
         if self.kind == "fill":
-            for name in STATIC:
-                if name in tensors:
-                    tensors[name].copy_(getattr(self, "init_" + name))
-            st.load(self.engine_cfg, args[0], args[1])
-            if d2 is not None:
-                d2.reset()
+            for name in p.static_names():
+                tensors[name].copy_(getattr(self, "init_" + name))
+            view.load(self.engine_cfg, args[0], args[1])
         else:
             w = Weights(**{f.name: getattr(self, "w_" + f.name, None) for f in fields(Weights)})
-            policy_bodies(w, self.engine_cfg, st, cache, self.policy, d2)[self.kind]()
+            p.policy.bodies(w, self.engine_cfg, view.state, view.cache, view.scratch)[self.kind]()
         return (tensors["st_step"] + 0,)
 
 
-def _export_aoti(engine, policy, kinds, st, cache, d2, state, out: Path, padded, n_pad) -> None:
+def _export_aoti(engine, prep: Prepared, kinds, out: Path, padded, n_pad) -> None:
     from torch._inductor import aoti_compile_and_package
+    state = prep.tensors()
     names = list(state)
     (out / "aoti").mkdir(exist_ok=True)
     lines = [f"{n} {str(t.dtype).replace('torch.', '')} {' '.join(map(str, t.shape))}" for n, t in state.items()]
     (out / "state.txt").write_text("\n".join(lines) + "\n")
     for kind in ["fill", *kinds]:
-        prog = _AotiProgram(engine, policy, kind, st, cache, d2, names)
+        prog = _AotiProgram(engine, prep, kind, names)
         inputs = tuple(state[n] for n in names)
         args = (padded, n_pad, *inputs) if kind == "fill" else inputs
         ep = torch.export.export(prog, args, strict=False)
@@ -121,7 +113,6 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
            block_length: int | None = None, policy=None, remasking=None, alg=None,
            fmt: str = "torchscript") -> dict:
     """Write PKG/steps.pt and PKG/plan.json for one request shape; returns the plan."""
-    from dllm.runtime.policies import NoCache
     if fmt not in FORMATS:
         raise RequestError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     cfg, policy = engine.cfg, policy or NoCache()
@@ -132,24 +123,12 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
     shape = RequestShape(1, prompt_bucket, gen_length, block_length or gen_length, steps)
     engine._check_shape(shape)
     dev = engine.device
-    st = StepState.allocate(cfg, shape, dc, dev)
-    cache = Cache.allocate(cfg, shape, dev, engine.dtype) if policy.uses_cache else None
-    d2 = (D2Buffers.allocate(cfg, shape, policy.k, policy.sigma, policy.attn_budget, st.kmax, dev)
-          if policy.name == "d2cache" else None)
+    prep = Prepared.allocate(engine.weights, cfg, shape, dc, policy, dev, engine.dtype)
     plan = policy.plan(steps, steps // shape.n_blocks)
-    bodies = policy_bodies(engine.weights, cfg, st, cache, policy, d2)
-
-    def fill(padded, n_pad):
-        st.load(cfg, padded, n_pad)
-        if d2 is not None:
-            d2.reset()
-    tensors = {**_tensors("w", engine.weights), **_tensors("st", st)}
-    if cache is not None:
-        tensors.update(_tensors("cache", cache))
-    if d2 is not None:
-        tensors.update(_tensors("d2", d2))
-    kinds = sorted(set(plan))
-    mod = _step_module(tensors, {"fill": fill, **{k: (lambda b: lambda _dummy: b())(bodies[k]) for k in kinds}})
+    kinds = [k for k in policy.kinds if k in plan]
+    tensors = {**_tensors("w", engine.weights), **prep.tensors()}
+    mod = _step_module(tensors, {"fill": lambda padded, n_pad: prep.load(cfg, padded, n_pad),
+                                 **{k: (lambda b: lambda _dummy: b())(prep.bodies[k]) for k in kinds}})
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +140,7 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")       # TorchScript is deprecated in torch >= 2.11 and says so per call
         if fmt == "aoti":
-            state = {n: t for n, t in tensors.items() if not n.startswith("w_")}
-            _export_aoti(engine, policy, kinds, st, cache, d2, state, out, padded, n_pad)
+            _export_aoti(engine, prep, kinds, out, padded, n_pad)
         else:
             traced = torch.jit.trace_module(mod, {"fill": (padded, n_pad), **{k: (dummy,) for k in kinds}},
                                             check_trace=False)
@@ -172,7 +150,7 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
         "gen_length": gen_length, "block_length": shape.block_length, "steps": steps,
         "vocab_size": cfg.vocab_size, "mask_id": cfg.mask_id, "pad_id": cfg.pad_id,
         "dtype": str(engine.dtype).replace("torch.", ""), "device": dev.type,
-        "policy": {"name": policy.name, **{f.name: getattr(policy, f.name) for f in fields(policy)}},
+        "policy": {"name": policy.name, **policy.params()},
         "decoding": {"remasking": dc.remasking if cfg.family == "llada" else None,
                      "alg": dc.alg if cfg.family == "dream" else None},
         "kinds": kinds, "plan": plan, "tokens_buffer": "st_tokens", "export_seconds": time.perf_counter() - t0,
@@ -190,7 +168,7 @@ def build_runner(build_dir: str | Path | None = None) -> Path:
     missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
     if missing:
         raise RuntimeError(f"no {' or '.join(missing)} on this machine: the C++ runner cannot be built")
-    src = Path(__file__).resolve().parent / "cpp"
+    src = Path(graphs.__file__).resolve().parent / "cpp"
     build = Path(build_dir) if build_dir else src.parent.parent / "build" / "cpp"
     for cmd in (["cmake", "-S", str(src), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                  "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", str(build), "-j2"]):

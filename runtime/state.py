@@ -1,4 +1,4 @@
-"""Everything a step touches, allocated once per request shape (DESIGN.md §3).
+"""The buffers every step touches, allocated once per request shape (docs/ARCHITECTURE.md, "Buffers").
 
 A request shape is (batch B, prompt bucket P, response length G, block length, steps). The canvas is
 [B, L] with L = P + G: prompts left-padded to P, responses starting as the mask id. The step reads
@@ -8,6 +8,7 @@ device step counter `step`, which the step itself increments, so replaying a ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -57,6 +58,7 @@ class StepState:
     noise: torch.Tensor | None      # [B, Bl, V] sampling noise (float64 for LLaDA, fp32 for Dream)
     unif: torch.Tensor | None       # [B, Bl] fp32   per-row uniforms (LLaDA random, Dream origin)
     generator: torch.Generator
+    STATIC: ClassVar[tuple[str, ...]] = ("counts", "reveal_prob", "block_pos", "k_range")   # no step writes these
 
     @staticmethod
     def allocate(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, device) -> "StepState":
@@ -146,7 +148,7 @@ class StepState:
 
 @dataclass
 class Cache:
-    """Per-layer features of every canvas row, written by full and partial steps (DESIGN.md §3).
+    """Per-layer features of every canvas row, written by full and partial steps (the caching policies).
 
     Since a layer's output is x + A + M, the hidden state of any row at any layer is the embedding
     plus a running sum of cached deltas: rows that are not recomputed still carry exact-as-cached
@@ -157,6 +159,7 @@ class Cache:
     m: torch.Tensor            # [nL, B, L, d]        FFN-branch delta
     prompt_rows: torch.Tensor  # [B, P] int64  0..P-1
     resp_rows: torch.Tensor    # [B, G] int64  P..L-1
+    STATIC: ClassVar[tuple[str, ...]] = ("prompt_rows", "resp_rows")   # no step writes these
 
     @staticmethod
     def allocate(cfg: ModelConfig, shape: RequestShape, device, dtype) -> "Cache":
@@ -171,49 +174,3 @@ class Cache:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"k": self.k, "v": self.v, "a": self.a, "m": self.m}
-
-
-@dataclass
-class D2Buffers:
-    """d2Cache scratch, allocated once per (shape, policy): the certainty-density kernel, the latest
-    certainty per response row, last step's attention rows and rollout importance, and the row set."""
-    s1: int                    # stage 1: masked rows chosen by certainty x density
-    s2: int                    # stage 2: rows chosen by attention-rollout importance
-    kernel: torch.Tensor       # [G, G]  exp(-(i-j)^2 / 2 sigma^2) over the response
-    left: torch.Tensor         # [G]     kernel mass of the prompt side (always known)
-    right: torch.Tensor        # [G]     kernel mass right of the response (known once the last token is)
-    z: float                   # kernel normaliser: D(i) in [0, 1]
-    conf_all: torch.Tensor     # [B, G] fp32  latest p(x0) computed for each response row
-    importance: torch.Tensor   # [B, L] fp32  column sums of last step's attention rollout
-    attn_full: torch.Tensor    # [nL, B, L, L] head-averaged attention of a full step
-    attn_rows: torch.Tensor    # [nL, B, S, L] head-averaged attention of the recomputed rows
-    rows: torch.Tensor         # [B, S] int64 rows recomputed this step (surplus slots alias a real row)
-    valid: torch.Tensor        # [B, S] bool  slots that are real, distinct rows
-
-    @property
-    def budget(self) -> int:
-        return self.rows.shape[1]
-
-    @staticmethod
-    def allocate(cfg: ModelConfig, shape: RequestShape, k: int, sigma: float, attn_budget: int, kmax: int,
-                 device) -> "D2Buffers":
-        nL, B, L, G = cfg.n_layers, shape.batch, shape.length, shape.gen_length
-        s1, s2 = min(k, G), min(attn_budget, L)
-        S = s1 + kmax + s2
-        i = torch.arange(G, dtype=torch.float64)
-        gauss = lambda d: torch.exp(-d.pow(2) / (2 * sigma ** 2))            # noqa: E731
-        ext = torch.arange(G, dtype=torch.float64)
-        kernel = gauss(i[:, None] - i[None, :])
-        left = gauss(i[:, None] + 1 + ext[None, :]).sum(1)                   # j = -1 .. -G
-        right = gauss(G + ext[None, :] - i[:, None]).sum(1)                  # j = G .. 2G-1
-        z = float(gauss(torch.arange(-3 * G, 3 * G + 1, dtype=torch.float64)).sum())
-        f32 = dict(dtype=torch.float32, device=device)
-        return D2Buffers(s1=s1, s2=s2, kernel=kernel.to(**f32), left=left.to(**f32), right=right.to(**f32), z=z,
-                         conf_all=torch.ones(B, G, **f32), importance=torch.ones(B, L, **f32),
-                         attn_full=torch.zeros(nL, B, L, L, **f32), attn_rows=torch.zeros(nL, B, S, L, **f32),
-                         rows=torch.zeros(B, S, dtype=torch.int64, device=device),
-                         valid=torch.zeros(B, S, dtype=torch.bool, device=device))
-
-    def reset(self) -> None:
-        self.conf_all.fill_(1.0)
-        self.importance.fill_(1.0)

@@ -1,0 +1,231 @@
+"""d2Cache with a fixed row budget: the first step is a full refresh; every later (`selected`) step
+recomputes exactly k + (most commits per step) + attn_budget rows chosen on the device from the last
+step's outputs: the k masked rows of highest certainty x density (current block first; Dream: the row
+before), the rows committed last step, and the attn_budget rows of highest attention-rollout
+importance (attn_p additionally masks the picks beyond the reference's top-p nucleus).
+
+All shapes are fixed by the row budget; when fewer rows really need work the surplus slots are marked
+invalid and alias a real row (their recomputation writes the same values, a no-op).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from dllm.models.config import ModelConfig
+
+from ..decoding import RequestError
+from ..state import RequestShape, StepState
+from ..steps import block_logits, commit, decodable_rows, full_layer, rows_layer
+from .base import Policy, check_int
+
+
+@dataclass
+class D2Buffers:
+    """d2Cache scratch, allocated once per (shape, policy): the certainty-density kernel, the latest
+    certainty per response row, last step's attention rows and rollout importance, and the row set."""
+    s1: int                    # stage 1: masked rows chosen by certainty x density
+    s2: int                    # stage 2: rows chosen by attention-rollout importance
+    kernel: torch.Tensor       # [G, G]  exp(-(i-j)^2 / 2 sigma^2) over the response
+    left: torch.Tensor         # [G]     kernel mass of the prompt side (always known)
+    right: torch.Tensor        # [G]     kernel mass right of the response (known once the last token is)
+    z: float                   # kernel normaliser: D(i) in [0, 1]
+    conf_all: torch.Tensor     # [B, G] fp32  latest p(x0) computed for each response row
+    importance: torch.Tensor   # [B, L] fp32  column sums of last step's attention rollout
+    attn_full: torch.Tensor    # [nL, B, L, L] head-averaged attention of a full step
+    attn_rows: torch.Tensor    # [nL, B, S, L] head-averaged attention of the recomputed rows
+    rows: torch.Tensor         # [B, S] int64 rows recomputed this step (surplus slots alias a real row)
+    valid: torch.Tensor        # [B, S] bool  slots that are real, distinct rows
+    STATIC: ClassVar[tuple[str, ...]] = ("kernel", "left", "right")   # no step writes these
+
+    @property
+    def row_budget(self) -> int:
+        """S: the rows every selected step recomputes (k + kmax + attn_budget, capped)."""
+        return self.rows.shape[1]
+
+    @staticmethod
+    def allocate(cfg: ModelConfig, shape: RequestShape, k: int, sigma: float, attn_budget: int, kmax: int,
+                 device) -> "D2Buffers":
+        nL, B, L, G = cfg.n_layers, shape.batch, shape.length, shape.gen_length
+        s1, s2 = min(k, G), min(attn_budget, L)
+        S = s1 + kmax + s2
+        i = torch.arange(G, dtype=torch.float64)
+        gauss = lambda d: torch.exp(-d.pow(2) / (2 * sigma ** 2))            # noqa: E731
+        ext = torch.arange(G, dtype=torch.float64)
+        kernel = gauss(i[:, None] - i[None, :])
+        left = gauss(i[:, None] + 1 + ext[None, :]).sum(1)                   # j = -1 .. -G
+        right = gauss(G + ext[None, :] - i[:, None]).sum(1)                  # j = G .. 2G-1
+        z = float(gauss(torch.arange(-3 * G, 3 * G + 1, dtype=torch.float64)).sum())
+        f32 = dict(dtype=torch.float32, device=device)
+        return D2Buffers(s1=s1, s2=s2, kernel=kernel.to(**f32), left=left.to(**f32), right=right.to(**f32), z=z,
+                         conf_all=torch.ones(B, G, **f32), importance=torch.ones(B, L, **f32),
+                         attn_full=torch.zeros(nL, B, L, L, **f32), attn_rows=torch.zeros(nL, B, S, L, **f32),
+                         rows=torch.zeros(B, S, dtype=torch.int64, device=device),
+                         valid=torch.zeros(B, S, dtype=torch.bool, device=device))
+
+    def reset(self) -> None:
+        self.conf_all.fill_(1.0)
+        self.importance.fill_(1.0)
+
+
+# ---------------------------------------------------------------- row selection (device)
+
+def certainty_density(d2: D2Buffers, known: torch.Tensor) -> torch.Tensor:
+    """known [B, G] bool (response rows already decoded) -> D [B, G] in [0, 1]: the Gaussian-weighted
+    fraction of decoded neighbours, the prompt side counting as decoded and the right side only once
+    the last response token is."""
+    kf = known.float()
+    num = kf @ d2.kernel.t() + d2.left + kf[:, -1:] * d2.right
+    return (num / d2.z).clamp(max=1.0)
+
+
+def dedupe(rows: torch.Tensor, valid: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """valid [B, S] with every repeated row after its first occurrence marked invalid."""
+    B, S = rows.shape
+    key = torch.where(valid, rows, n_rows + torch.arange(S, device=rows.device))
+    skey, order = key.sort(dim=1)
+    dup_sorted = torch.cat([torch.zeros_like(skey[:, :1], dtype=torch.bool), skey[:, 1:] == skey[:, :-1]], dim=1)
+    dup = torch.zeros_like(dup_sorted).scatter(1, order, dup_sorted)
+    return valid & ~dup
+
+
+def row_mask(rows: torch.Tensor, valid: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[B, S] row set -> [B, n_rows] bool membership."""
+    hits = torch.zeros(rows.shape[0], n_rows, device=rows.device).scatter_add(1, rows, valid.float())
+    return hits > 0
+
+
+def nucleus(values: torch.Tensor, total: torch.Tensor, p: float) -> torch.Tensor:
+    """values [B, K] sorted descending (importance of the picks), total [B, 1] importance of all
+    candidates -> [B, K] bool: the prefix whose cumulative share stays <= p, at least one."""
+    cum = (values / total.clamp_min(1e-12)).cumsum(dim=1)
+    keep = cum <= p
+    keep[:, 0] = True
+    return keep
+
+
+def d2_select(cfg: ModelConfig, st: StepState, d2: D2Buffers, attn_p: float | None) -> None:
+    """Choose this step's rows from the last step's outputs; writes d2.rows and d2.valid."""
+    P, L = st.shape.prompt_bucket, st.shape.length
+    resp = st.tokens[:, P:]                                          # [B, G]
+    masked = resp == cfg.mask_id
+    dens = certainty_density(d2, ~masked)
+    score = d2.conf_all * dens                                       # in [0, 1]
+    pos = st.current_block()                                         # [Bl] canvas positions
+    g_idx = torch.arange(resp.shape[1], device=resp.device) + P
+    in_block = (g_idx >= pos[0]) & (g_idx <= pos[-1])
+    score = torch.where(in_block, score + 2.0, score)                # current block first
+    score = torch.where(masked, score, torch.full_like(score, float("-inf")))
+    top1 = score.topk(d2.s1, dim=1)
+    s1_valid = top1.values > float("-inf")
+    shift = 1 if cfg.shift_logits else 0                             # Dream: row j-1 decodes position j
+    s1_rows = P + top1.indices - shift
+    chosen = row_mask(torch.cat([s1_rows, st.commit_pos], 1), torch.cat([s1_valid, st.commit_valid], 1), L)
+    imp = torch.where(chosen, torch.full_like(d2.importance, float("-inf")), d2.importance)
+    top2 = imp.topk(d2.s2, dim=1)
+    s2_valid = top2.values > float("-inf")
+    if attn_p is not None:
+        total = torch.where(chosen, torch.zeros_like(d2.importance), d2.importance).sum(1, keepdim=True)
+        s2_valid = s2_valid & nucleus(top2.values.clamp_min(0), total, attn_p)
+    rows = torch.cat([s1_rows, st.commit_pos, top2.indices], dim=1)
+    valid = dedupe(rows, torch.cat([s1_valid, st.commit_valid, s2_valid], dim=1), L)
+    d2.rows.copy_(torch.where(valid, rows, rows[:, :1]))
+    d2.valid.copy_(valid)
+
+
+def rollout_full(d2: D2Buffers) -> None:
+    """Column sums of the rollout of a full step, R = prod_l (A_l + I)/2, as a backward vector pass."""
+    v = torch.ones_like(d2.importance)                               # [B, L]
+    for layer in range(d2.attn_full.shape[0] - 1, -1, -1):
+        v = 0.5 * v + 0.5 * (v[:, None, :] @ d2.attn_full[layer])[:, 0]
+    d2.importance.copy_(v)
+
+
+def rollout_rows(d2: D2Buffers) -> None:
+    """The same for a partial step: recomputed rows are (A + I)/2, the other rows identity rows, so
+    no L x L matrix is ever formed (O(S L) per layer)."""
+    v = torch.ones_like(d2.importance)
+    w = d2.valid.float()
+    for layer in range(d2.attn_rows.shape[0] - 1, -1, -1):
+        vs = v.gather(1, d2.rows) * w                                # [B, S]
+        v = v - 0.5 * torch.zeros_like(v).scatter_add(1, d2.rows, vs) + 0.5 * (vs[:, None, :] @ d2.attn_rows[layer])[:, 0]
+    d2.importance.copy_(v)
+
+
+# ---------------------------------------------------------------- step bodies
+
+def _commit(cfg: ModelConfig, st: StepState, d2: D2Buffers, logits, fresh, quasi_l2r: bool) -> None:
+    """Commit, then remember each recomputed block position's p(x0) as its latest certainty."""
+    P = st.shape.prompt_bucket
+    blk = st.current_block() - P                                     # [Bl] response indices (before step += 1)
+    prior = None
+    if quasi_l2r:
+        known = st.tokens[:, P:] != cfg.mask_id
+        prior = certainty_density(d2, known).index_select(1, blk)
+    commit(cfg, st, logits, fresh, prior)
+    old = d2.conf_all.index_select(1, blk)
+    d2.conf_all.index_copy_(1, blk, st.p0 if fresh is None else torch.where(fresh, st.p0, old))
+
+
+def d2_full(w, cfg: ModelConfig, st: StepState, cache, d2: D2Buffers, quasi_l2r: bool) -> None:
+    """d2Cache's first step: a full refresh that also records every layer's attention for the rollout."""
+    x = F.embedding(st.tokens, w.embed)
+    for i in range(cfg.n_layers):
+        x = full_layer(w, cfg, i, x, st, cache, probs_out=d2.attn_full[i])
+    _commit(cfg, st, d2, block_logits(w, cfg, st, x), None, quasi_l2r)
+    rollout_full(d2)
+
+
+def d2_selected(w, cfg: ModelConfig, st: StepState, cache, d2: D2Buffers, attn_p: float | None,
+                quasi_l2r: bool) -> None:
+    """d2Cache's selected step: choose the rows from the last step's outputs, recompute only them in
+    every layer (the rest reuse cached K/V and deltas), decode what was recomputed first, roll out."""
+    d2_select(cfg, st, d2, attn_p)
+    x = F.embedding(st.tokens, w.embed)
+    for i in range(cfg.n_layers):
+        x = rows_layer(w, cfg, i, x, st, cache, d2.rows, probs_out=d2.attn_rows[i])
+    fresh = row_mask(d2.rows, d2.valid, st.shape.length).index_select(1, decodable_rows(cfg, st))
+    _commit(cfg, st, d2, block_logits(w, cfg, st, x), fresh, quasi_l2r)
+    rollout_rows(d2)
+
+
+@dataclass(frozen=True)
+class D2Cache(Policy):
+    k: int = field(default=32, metadata={"help": "d2cache: masked rows chosen by certainty x density"})
+    sigma: float = field(default=10.0, metadata={"help": "d2cache: certainty-density kernel width"})
+    attn_budget: int = field(default=32, metadata={"help": "d2cache: rows chosen by attention rollout"})
+    attn_p: float | None = field(default=None, metadata={
+        "help": "d2cache: also mask rollout picks beyond this top-p nucleus (reference: 0.1)", "type": float})
+    quasi_l2r: bool = field(default=False, metadata={
+        "help": "d2cache: rank commits by confidence x certainty density (quasi left-to-right)"})
+    name = "d2cache"
+    kinds = ("full", "selected")
+
+    def __post_init__(self):
+        check_int(self.name, "k", self.k, 1, "masked rows chosen per step")
+        check_int(self.name, "attn_budget", self.attn_budget, 0, "rows chosen by attention rollout")
+        if not isinstance(self.sigma, (int, float)) or isinstance(self.sigma, bool) or not self.sigma > 0:
+            raise RequestError(f"d2cache sigma (the certainty-density kernel width) must be > 0, got {self.sigma!r}")
+        if self.attn_p is not None and not 0.0 < self.attn_p <= 1.0:
+            raise RequestError(f"d2cache attn_p must be in (0, 1], got {self.attn_p!r}")
+
+    def kind_at(self, n: int, i: int) -> str:
+        return "full" if n == 1 else "selected"
+
+    def check(self, cfg, dc) -> None:
+        if dc.family == "dream" and dc.alg == "origin":
+            raise RequestError("d2cache needs a fixed commit count per step; Dream's 'origin' alg reveals a "
+                               "random number of tokens. Use --alg maskgit_plus, topk_margin or entropy")
+
+    def scratch(self, cfg, shape, st, device) -> D2Buffers:
+        return D2Buffers.allocate(cfg, shape, self.k, self.sigma, self.attn_budget, st.kmax, device)
+
+    def reset(self, scratch: D2Buffers) -> None:
+        scratch.reset()
+
+    def bodies(self, w, cfg, st, cache, scratch: D2Buffers):
+        return {"full": lambda: d2_full(w, cfg, st, cache, scratch, self.quasi_l2r),
+                "selected": lambda: d2_selected(w, cfg, st, cache, scratch, self.attn_p, self.quasi_l2r)}

@@ -1,0 +1,36 @@
+"""Fast-dLLM's dual cache: a full refresh at each block start, then `block` steps that recompute only
+the current block's rows (for Dream also the row before it, whose logits decode the block's first
+position); the prefix and the suffix reuse their cached K/V and deltas."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..steps import block_logits, commit, full_step, rows_layer
+from .base import Policy
+
+
+def dual_forward(w, cfg, st, cache) -> torch.Tensor:
+    """The current block's rows through every layer against the cache -> stream [B, L, d]."""
+    pos = st.current_block()                                         # [Bl]
+    rows = torch.cat([pos[:1] - 1, pos]) if cfg.shift_logits else pos
+    rows = rows.expand(st.shape.batch, -1)                           # [B, Bl (+1)]
+    x = F.embedding(st.tokens, w.embed)
+    for i in range(cfg.n_layers):
+        x = rows_layer(w, cfg, i, x, st, cache, rows)
+    return x
+
+
+@dataclass(frozen=True)
+class DualCache(Policy):
+    name = "dual-cache"
+    kinds = ("full", "block")
+
+    def kind_at(self, n: int, i: int) -> str:
+        return "full" if i == 0 else "block"
+
+    def bodies(self, w, cfg, st, cache, scratch):
+        return {"full": lambda: full_step(w, cfg, st, cache),
+                "block": lambda: commit(cfg, st, block_logits(w, cfg, st, dual_forward(w, cfg, st, cache)))}
