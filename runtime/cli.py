@@ -12,6 +12,7 @@ With --json, stdout carries exactly one JSON object; errors go to stderr with ex
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from .engine import DTYPES
 from .policy import POLICIES, make_policy
 
 EXPORT_FORMATS = ("torchscript", "aoti")
+APPS = {"eval": ("evaluate", "eval"), "serve": ("serve", "serve")}   # subcommand -> (module, pip extra)
 
 
 def _ids(text: str) -> list[int]:
@@ -157,12 +159,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:                 # perf sits above the runtime: run it as its own program
         return subprocess.call([sys.executable, "-m", "dllm.perf.report", *argv[1:]])
-    if argv[:1] == ["eval"]:                  # lm-eval's own command line, with our model registered
-        from .evaluate import main as evaluate
-        return evaluate(argv[1:])
-    if argv[:1] == ["serve"]:
-        from .serve import main as serve
-        return serve(argv[1:])
+    if argv[:1] in (["eval"], ["serve"]):     # each owns its command line; each needs its extra
+        try:
+            mod = importlib.import_module(f".{APPS[argv[0]][0]}", __package__)
+        except ImportError as e:
+            print(f"dllm: error: dllm {argv[0]} needs the {APPS[argv[0]][1]} extra ({e.name} is missing): "
+                  f"pip install 'dllm-runtime[{APPS[argv[0]][1]}]'", file=sys.stderr)
+            return 2
+        return mod.main(argv[1:])
     a = build_parser().parse_args(argv)
     try:
         return cmd_export(a) if a.command == "export" else cmd_generate(a)
