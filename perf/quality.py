@@ -1,39 +1,64 @@
 """Accuracy under every cache policy and backend, on the trained model, beside each one's speedup.
 
     python -m dllm.perf.quality [--model models/trained/arith-llada] [--n 240] [--backends eager compile]
+                                [--repeats 3] [--pads 0 1 2 3] [--markdown]
 
 Generates the answers of --n held-out prompts (never seen in training: models.train_tiny.split) as one
 padded batch per configuration, scores exact match (the response up to the first end-of-text), and
 times each configuration against NoCache in the same run.
+
+Accuracy is exact and repeatable on one machine; it is the one batch left-padded to its longest prompt.
+The same batch padded a few columns wider (--pads: extra left padding, a no-op in exact arithmetic)
+changes the float summation order only, the way Inductor or a different CPU kernel does; a prompt whose
+answer flips under that sits on a near-tie. The range column is the accuracy over those paddings and
+`flips` counts such prompts, so a cell that differs between backends or machines by one prompt shows up
+as a range, not as a contradiction. --markdown prints the README table (both backends in one table).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dllm.models.train_tiny import GEN, held_out
-from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
+from dllm.runtime import Engine, make_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "trained" / "arith-llada"
-CONFIGS = [  # (label, policy, generate options)
-    ("none", NoCache(), {}),
-    ("none, threshold 0.9", NoCache(), {"threshold": 0.9}),
-    ("dllm-cache kp 4 kr 2 rho 0.25", DllmCache(kp=4, kr=2, rho=0.25), {}),
-    ("dllm-cache kp 8 kr 4 rho 0.25", DllmCache(kp=8, kr=4, rho=0.25), {}),
-    ("dllm-cache kp 8 kr 4 rho 0.5", DllmCache(kp=8, kr=4, rho=0.5), {}),
-    ("dllm-cache kp 8 kr 8 rho 0", DllmCache(kp=8, kr=8, rho=0.0), {}),
-    ("d2cache k 4 attn 4", D2Cache(k=4, attn_budget=4), {}),
-    ("d2cache k 4 attn 4, quasi-l2r", D2Cache(k=4, attn_budget=4, quasi_l2r=True), {}),
-    ("dual-cache, block 4", DualCache(), {"block_length": 4}),
-    ("dual-cache, block 4, threshold 0.9", DualCache(), {"block_length": 4, "threshold": 0.9}),
+POLICY_KEYS = ("kp", "kr", "rho", "k", "sigma", "attn_budget", "attn_p", "quasi_l2r")
+CONFIGS = [  # (label, options as `dllm generate` / `dllm eval` model arguments, dashes as underscores)
+    ("none", {}),
+    ("none, threshold 0.9", {"threshold": 0.9}),
+    ("dllm-cache kp 4 kr 2 rho 0.25", {"policy": "dllm-cache", "kp": 4, "kr": 2, "rho": 0.25}),
+    ("dllm-cache kp 8 kr 4 rho 0.25", {"policy": "dllm-cache", "kp": 8, "kr": 4, "rho": 0.25}),
+    ("dllm-cache kp 8 kr 4 rho 0.5", {"policy": "dllm-cache", "kp": 8, "kr": 4, "rho": 0.5}),
+    ("dllm-cache kp 8 kr 8 rho 0", {"policy": "dllm-cache", "kp": 8, "kr": 8, "rho": 0.0}),
+    ("d2cache k 4 attn 4", {"policy": "d2cache", "k": 4, "attn_budget": 4}),
+    ("d2cache k 4 attn 4, quasi-l2r", {"policy": "d2cache", "k": 4, "attn_budget": 4, "quasi_l2r": True}),
+    ("dual-cache, block 4", {"policy": "dual-cache", "block_length": 4}),
+    ("dual-cache, block 4, threshold 0.9", {"policy": "dual-cache", "block_length": 4, "threshold": 0.9}),
 ]
+
+
+def configuration(options: dict):
+    """(policy, generate options) of one CONFIGS entry."""
+    policy = make_policy(options.get("policy", "none"), **{k: v for k, v in options.items() if k in POLICY_KEYS})
+    return policy, {k: v for k, v in options.items() if k not in POLICY_KEYS and k != "policy"}
 
 
 def answer(eng: Engine, ids: list[int]) -> str:
     cut = ids.index(eng.cfg.eos_id) if eng.cfg.eos_id in ids else len(ids)
     return eng.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+
+def correct(eng: Engine, examples, policy, **opts) -> list[bool]:
+    """Per example, whether one batch generation of all prompts answers it exactly."""
+    prompts = [eng.encode(p + "\n") for p, _ in examples]
+    kw = dict(gen_length=GEN, steps=GEN, block_length=GEN, policy=policy)
+    kw.update(opts)
+    out = eng.generate(prompts, **kw)
+    return [answer(eng, ids) == a for ids, (_, a) in zip(out.tokens, examples)]
 
 
 def evaluate(eng: Engine, examples, policy, repeats: int = 1, **opts) -> tuple[float, float, int]:
@@ -47,8 +72,52 @@ def evaluate(eng: Engine, examples, policy, repeats: int = 1, **opts) -> tuple[f
         t0 = time.perf_counter()
         out = eng.generate(prompts, **kw)
         times.append(time.perf_counter() - t0)
-    correct = sum(answer(eng, ids) == a for ids, (_, a) in zip(out.tokens, examples))
-    return correct / len(examples), sorted(times)[len(times) // 2], out.steps
+    right = sum(answer(eng, ids) == a for ids, (_, a) in zip(out.tokens, examples))
+    return right / len(examples), sorted(times)[len(times) // 2], out.steps
+
+
+@dataclass
+class Cell:
+    accuracy: float        # the batch padded to its longest prompt
+    low: float             # lowest / highest accuracy over the extra paddings
+    high: float
+    flips: int             # prompts whose correctness depends on the padding
+    seconds: float
+    speedup: float
+    steps: int
+
+    def accuracy_text(self) -> str:
+        if self.low == self.high:
+            return f"{self.accuracy:.1%}".replace("%", " %")
+        return f"{self.accuracy:.1%} ({self.low:.1%}–{self.high:.1%})".replace("%", " %")
+
+
+def measure(eng: Engine, examples, options: dict, repeats: int, pads, base: float | None) -> Cell:
+    policy, opts = configuration(options)
+    acc, sec, steps = evaluate(eng, examples, policy, repeats, **opts)
+    longest = max(len(eng.encode(p + "\n")) for p, _ in examples)
+    runs = [correct(eng, examples, policy, **opts)] + [
+        correct(eng, examples, policy, prompt_bucket=longest + pad, **opts) for pad in pads if pad]
+    accs = [sum(r) / len(r) for r in runs]
+    flips = sum(len(set(col)) > 1 for col in zip(*runs))
+    return Cell(acc, min(accs), max(accs), flips, sec, (base or sec) / sec, steps)
+
+
+def markdown(cells: dict, backends, n: int, repeats: int, pads) -> str:
+    head = (f"`python -m dllm.perf.quality --backends {' '.join(backends)} --repeats {repeats} --pads "
+            f"{' '.join(map(str, pads))} --markdown`: {n} held-out prompts never seen in training, exact match, one "
+            f"batch of {n}, G={GEN}, {GEN} steps, greedy; seconds = median of {repeats}; each backend's speedups "
+            f"against its own NoCache in the same run. Accuracy: the batch padded to its longest prompt; in "
+            f"parentheses the range when padded {', '.join(map(str, [p for p in pads if p]))} columns wider "
+            f"(a no-op in exact arithmetic, a different float summation order); flips = prompts whose answer "
+            f"changes with the padding.")
+    cols = "".join(f" {b}: accuracy | flips | seconds | speedup |" for b in backends)
+    lines = [head, "", f"| configuration |{cols} steps |", "|---|" + "---|" * (4 * len(backends) + 1)]
+    for label, _ in CONFIGS:
+        row = "".join(f" {cells[b, label].accuracy_text()} | {cells[b, label].flips} | {cells[b, label].seconds:.3f} | "
+                      f"{cells[b, label].speedup:.2f}× |" for b in backends)
+        lines.append(f"| {label.replace('rho', 'ρ')} |{row} {cells[backends[0], label].steps} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -57,18 +126,28 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=240)
     ap.add_argument("--backends", nargs="+", default=["eager", "compile"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pads", type=int, nargs="+", default=[0, 1, 2, 3],
+                    help="extra left padding (columns) to measure accuracy at; 0 is the canonical run")
+    ap.add_argument("--markdown", action="store_true", help="print the README table when done")
     a = ap.parse_args(argv)
     examples = held_out(a.n)
     print(f"# {a.model}: {a.n} held-out prompts (never trained on), exact match, batch of {a.n}, "
-          f"G={GEN}, {GEN} steps, greedy; seconds = median of {a.repeats} batch generations")
-    print(f"{'configuration':<38} {'backend':<8} {'accuracy':>9} {'seconds':>8} {'speedup':>8} {'steps':>6}")
+          f"G={GEN}, {GEN} steps, greedy; seconds = median of {a.repeats} batch generations; range = accuracy "
+          f"over extra paddings {a.pads}, flips = prompts that change with the padding")
+    print(f"{'configuration':<38} {'backend':<8} {'accuracy':>9} {'range':>15} {'flips':>5} {'seconds':>8} "
+          f"{'speedup':>8} {'steps':>6}")
+    cells = {}
     for backend in a.backends:
         eng = Engine.from_pretrained(a.model, backend=backend)
         base = None
-        for label, policy, opts in CONFIGS:
-            acc, sec, steps = evaluate(eng, examples, policy, a.repeats, **opts)
-            base = base or sec
-            print(f"{label:<38} {backend:<8} {acc:>9.1%} {sec:>8.3f} {base / sec:>7.2f}x {steps:>6}", flush=True)
+        for label, options in CONFIGS:
+            c = cells[backend, label] = measure(eng, examples, options, a.repeats, a.pads, base)
+            base = base or c.seconds
+            print(f"{label:<38} {backend:<8} {c.accuracy:>9.1%} {f'{c.low:.1%}–{c.high:.1%}':>15} {c.flips:>5} "
+                  f"{c.seconds:>8.3f} {c.speedup:>7.2f}x {c.steps:>6}", flush=True)
+    if a.markdown:
+        print()
+        print(markdown(cells, a.backends, a.n, a.repeats, a.pads))
 
 
 if __name__ == "__main__":
