@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import warnings
@@ -29,6 +30,7 @@ from .prepared import Prepared
 from .state import RequestShape, StepState
 from .steps import with_noise
 
+log = logging.getLogger("dllm")      # progress of long work (loading, preparing); the CLI shows it on stderr
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +111,19 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
         hf_logging.set_verbosity(level)
 
 
+def _counted(step_fns: dict, progress: Callable[[int, int], None], planned: int) -> dict:
+    """Step functions that report (steps launched, steps planned) after each launch."""
+    launched = [0]
+
+    def wrap(fn):
+        def step():
+            fn()
+            launched[0] += 1
+            progress(launched[0], planned)
+        return step
+    return {k: wrap(fn) for k, fn in step_fns.items()}
+
+
 class FifoLock:
     """A re-entrant lock granted in arrival order (threading.Lock makes no ordering promise): callers
     of one engine are served one at a time, first come first served."""
@@ -174,7 +189,12 @@ class Engine:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RequestError("device cuda requested but this torch build sees no CUDA device; use --device cpu")
         cfg = load_config(folder)
+        t0 = time.perf_counter()
+        log.info("loading weights from %s (%s, %d layers, d %d) to %s %s", folder, cfg.family, cfg.n_layers,
+                 cfg.d_model, device, str(dtype).replace("torch.", ""))
         weights = load_weights(folder, cfg, dtype=dtype, device=device)
+        nbytes = sum(t.numel() * t.element_size() for t in weights.tensors().values())
+        log.info("loaded %.2f GB of weights in %.1f s", nbytes / 1e9, time.perf_counter() - t0)
         return cls(cfg, weights, folder=folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                    **engine_options)
 
@@ -251,8 +271,15 @@ class Engine:
         def reset():
             prep.state.rewind()
             prep.state.draw_noise()
+        s = prep.shape
+        if self.backend != "eager":
+            log.info("preparing %s (%s) for batch %d, prompt bucket %d, gen %d, %d steps, policy %s ...",
+                     ", ".join(missing), self.backend, s.batch, s.prompt_bucket, s.gen_length, s.steps,
+                     prep.policy.name)
         with torch.inference_mode():
             new, seconds = backends.prepare(self.backend, {k: prep.bodies[k] for k in missing}, reset, self._pool)
+        if self.backend != "eager":
+            log.info("prepared %s in %.1f s", ", ".join(missing), seconds)
         prep.steps.update(new)
         prep.prepare_seconds += seconds
         return seconds
@@ -309,17 +336,20 @@ class Engine:
                  remasking: str | None = None, alg: str | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0, chat: bool = False,
                  prompt_bucket: int | None = None, policy=None, threshold: float | None = None,
-                 on_step: Callable[[StepEvent], None] | None = None) -> Generation:
+                 on_step: Callable[[StepEvent], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Generation:
         """threshold: commit every masked row of the block whose p(x0) >= threshold (at least one per
         step); the number of steps then depends on the data (steps only has to divide into blocks).
         on_step: called after every step with a StepEvent; only then is the canvas read back per step.
+        progress(launched, planned): called after each step is launched, host-side only (no device read;
+        on a GPU the device may still be working on it); planned is the most steps the request can take.
         Safe to call from many threads: requests run one at a time, in arrival order."""
         with self._lock:
             return self._generate(prompt, gen_length, steps, block_length, remasking, alg, temperature, top_p,
-                                  top_k, seed, chat, prompt_bucket, policy, threshold, on_step)
+                                  top_k, seed, chat, prompt_bucket, policy, threshold, on_step, progress)
 
     def _generate(self, prompt, gen_length, steps, block_length, remasking, alg, temperature, top_p, top_k, seed,
-                  chat, prompt_bucket, policy, threshold, on_step) -> Generation:
+                  chat, prompt_bucket, policy, threshold, on_step, progress) -> Generation:
         cfg = self.cfg
         policy = policy or NoCache()
         dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k, threshold)
@@ -333,6 +363,8 @@ class Engine:
         step_fns = {k: with_noise(st, prep.steps[k]) for k in kinds_needed}
         if on_step is not None:
             step_fns = self._observed(step_fns, st, on_step)
+        if progress is not None:
+            step_fns = _counted(step_fns, progress, steps if plan is None else len(plan))
 
         with torch.inference_mode():
             self._sync()
