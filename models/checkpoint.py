@@ -6,6 +6,8 @@ layer runs two input matmuls instead of five. Per-layer tensors are stacked on a
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -75,15 +77,22 @@ def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None, slice
 
 
 def _shard_map(folder: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it."""
+    """Tensor name -> file holding it (a shard index may only name files inside the folder)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
-        files = {f: folder / f for f in set(weight_map.values())}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e!r}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and isinstance(f, str)
+                                                       for n, f in weight_map.items()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        root = folder.resolve()
+        files = {f: (folder / f).resolve() for f in set(weight_map.values())}
         for f, p in files.items():
+            if root not in p.parents:
+                raise CheckpointError(f"{index} names shard '{f}', which is outside {folder}; a shard index "
+                                      f"may only name files in the model folder")
             if not p.is_file():
                 raise CheckpointError(f"{index} names shard '{f}', which is not in {folder}; "
                                       f"download the missing shard")
@@ -92,6 +101,56 @@ def _shard_map(folder: Path) -> dict[str, Path]:
         return {name: single for name in _open(single).keys()}
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
                           f"--model must be a checkpoint folder with safetensors weights")
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")    # safetensors dtype names a weight may be stored as
+
+
+def available_bytes(device) -> int | None:
+    """Memory a new allocation can still get on `device` (None: unknown). CPU: MemAvailable from
+    /proc/meminfo (else free pages); CUDA: the driver's free memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(nbytes: int, device, what: str) -> None:
+    """Refuse (CheckpointError) an allocation of nbytes that the device cannot hold."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise CheckpointError(f"{what} needs {nbytes / 2**30:.2f} GiB but {torch.device(device)} has "
+                              f"{free / 2**30:.2f} GiB available")
+
+
+def _check_headers(expected: dict, where: dict[str, Path], handles: dict) -> None:
+    """Shapes and dtypes from the safetensors headers, before anything is allocated."""
+    for name, (_field, _layer, _rows, shape) in expected.items():
+        path = where[name]
+        h = handles.get(path) or handles.setdefault(path, _open(path))
+        try:
+            sl = h.get_slice(name)
+            got, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        except Exception as e:  # safetensors' own error type
+            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); the file is truncated or "
+                                  f"corrupt, download it again") from None
+        if got != shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {got}, expected {shape} from "
+                                  f"config.json; the config and the weights do not belong together")
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' is stored as {dtype}; weights must be floating point "
+                                  f"({', '.join(FLOAT_DTYPES)})")
 
 
 def _open(path: Path):
@@ -127,24 +186,26 @@ def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, devi
         shapes["bqkv"] = (nL, q + 2 * kv)
     if cfg.tied_head:
         del shapes["head"]
+    handles: dict = {}
+    _check_headers(expected, where, handles)
+    nbytes = sum(math.prod(s) for s in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+    check_fits(nbytes, device, f"loading the weights of {folder} as {str(dtype).replace('torch.', '')}")
     out = {k: torch.empty(s, dtype=dtype, device=device) for k, s in shapes.items()}
 
-    handles = {}
     for name, (field, layer, rows, shape) in expected.items():
-        path = where[name]
-        h = handles.get(path) or handles.setdefault(path, _open(path))
         try:
-            t = h.get_tensor(name)
+            t = handles[where[name]].get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); the file is truncated or "
+            raise CheckpointError(f"{where[name]}: cannot read tensor '{name}' ({e}); the file is truncated or "
                                   f"corrupt, download it again") from None
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape} from "
-                                  f"config.json; the config and the weights do not belong together")
         dst = out[field] if layer is None else out[field][layer]
         if rows is not None:
             dst = dst[rows]
         dst.copy_(t)
+    for field, t in out.items():
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{folder}: weight '{field}' holds NaN or Inf values (after conversion to "
+                                  f"{str(dtype).replace('torch.', '')}); the checkpoint is corrupt")
     if cfg.tied_head:
         out["head"] = out["embed"]
     out.setdefault("bqkv", None)

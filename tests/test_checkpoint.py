@@ -59,8 +59,13 @@ def test_ids_come_from_the_config(tmp_path):
     assert (cfg.mask_id, cfg.eos_id, cfg.pad_id) == (2, 0, 0)       # tiny vocab: the config's ids, not 126336
     raw = json.loads((d / "config.json").read_text())
     del raw["mask_token_id"]
+    raw["vocab_size"] = raw["embedding_size"] = 126464
     (d / "config.json").write_text(json.dumps(raw))
     assert load_config(d).mask_id == 126336                          # the released LLaDA id, the fallback
+    raw["vocab_size"] = raw["embedding_size"] = 128
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"mask_id 126336 .* outside the vocabulary \[0, 128\)"):
+        load_config(d)                                               # a fallback the vocabulary cannot hold
 
 
 # ---------------------------------------------------------------- bad input: one clear message each
