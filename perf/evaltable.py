@@ -45,16 +45,22 @@ def write_data(path: Path = DATA) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in task_rows()))
 
 
-def evaluate_config(engine: Engine, options: dict, tasks: list[str], include_path: str, limit: int | None,
-                    batch_size: int) -> dict:
+def task_manager(include_path: str, tasks: list[str]):
+    """A TaskManager over include_path alone when it holds every task (indexing lm-eval's own few
+    thousand task files takes seconds), else over both."""
+    from lm_eval.tasks import TaskManager
+    tm = TaskManager(include_path=include_path, include_defaults=False)
+    return tm if all(t in tm.all_tasks for t in tasks) else TaskManager(include_path=include_path)
+
+
+def evaluate_config(engine: Engine, options: dict, tasks: list[str], tm, limit: int | None, batch_size: int) -> dict:
     """{task: (metric name, accuracy, Efficiency)} of one configuration through lm_eval.simple_evaluate."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from dllm.runtime.evaluate import DllmLM
     lm = DllmLM(engine=engine, gen_length=GEN, steps=GEN, batch_size=batch_size, report=False, **options)
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=include_path),
-                                  limit=limit, bootstrap_iters=0, log_samples=False)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, bootstrap_iters=0,
+                                  log_samples=False)
     out = {}
     for task in tasks:
         metric, value = next((k, v) for k, v in res["results"][task].items() if "," in k and "stderr" not in k)
@@ -94,9 +100,10 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     engine = Engine.from_pretrained(a.model, backend=a.backend)
+    tm = task_manager(a.include_path, a.tasks)
     rows = []
     for label, options in CONFIGS:
-        for task, (metric, acc, eff) in evaluate_config(engine, options, a.tasks, a.include_path, a.limit,
+        for task, (metric, acc, eff) in evaluate_config(engine, options, a.tasks, tm, a.limit,
                                                         a.batch_size).items():
             rows.append((label, task, metric, acc, eff))
             print(f"{label}: {task} {metric} {acc:.4f}", flush=True)

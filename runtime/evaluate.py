@@ -24,8 +24,8 @@ Requests:
   of the masked positions weighted by |answer| / l; average over mc_num samples. Every request draws
   from a generator seeded with `seed`, so results are deterministic and the choices of one question
   share their masks (common random numbers). Identical mask draws are evaluated once and weighted by
-  their count (the same number, fewer forwards). is_greedy: the runtime's own decoding of |answer|
-  tokens (the configured policy, greedy) reproduces the answer.
+  their count (the same number, fewer forwards). is_greedy: the runtime's own greedy decoding (the
+  configured policy, gen_length tokens or |answer| if longer) starts with the answer.
 - loglikelihood_rolling: the same estimator over disjoint windows of the model's maximum length.
 
 Efficiency, per task, printed after each generate_until call (`report=false` silences it) and kept in
@@ -43,22 +43,19 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from lm_eval._cli.ls import List
+from lm_eval._cli.run import Run
+from lm_eval._cli.validate import Validate
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import (get_rolling_token_windows, make_disjoint_window, setup_logging,
+                           simple_parse_args_string)
 
 from dllm.graphs import BACKENDS, BackendError
 from dllm.models.config import CheckpointError, ModelConfig, load_config
 from dllm.models.layers import forward
 from dllm.runtime import DecodeConfig, Engine, NoCache, RequestError, make_policy
 from dllm.runtime.decoding import check_shape
-
-try:
-    from lm_eval.api.model import LM
-    from lm_eval.api.registry import register_model
-    _LM_EVAL_MISSING: ImportError | None = None
-except ImportError as _e:            # `dllm eval` says how to install it; the runtime works without it
-    LM, _LM_EVAL_MISSING = object, _e
-
-    def register_model(*names):
-        return lambda cls: cls
 
 POLICY_OPTIONS = {"none": (), "dllm-cache": ("kp", "kr", "rho"),
                   "d2cache": ("k", "sigma", "attn_budget", "attn_p", "quasi_l2r"), "dual-cache": ()}
@@ -295,7 +292,6 @@ class DllmLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "DllmLM":
-        from lm_eval.utils import simple_parse_args_string
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
@@ -425,7 +421,6 @@ class DllmLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
         out = []
         for r in requests:
             (text,) = r.args
@@ -487,7 +482,9 @@ class DllmLM(LM):
         return -total / self.config.mc_num
 
     def greedy_flags(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
-        """Whether the runtime, decoding |answer| tokens greedily after the prefix, writes the answer."""
+        """Whether the runtime's greedy decoding after the prefix starts with the answer. It decodes
+        gen_length tokens (|answer| when longer), the canvas the model answers on, not |answer| tokens:
+        a diffusion model's output depends on the canvas length."""
         flags = [False] * len(pairs)
         by_len = defaultdict(list)
         for i, (_, answer) in enumerate(pairs):
@@ -496,7 +493,7 @@ class DllmLM(LM):
             else:
                 flags[i] = True
         for A, idx in by_len.items():
-            shape = gen_shape(self.config, A)
+            shape = gen_shape(self.config, max(A, self.config.gen_length))
             room = self.max_length - shape.gen_length
             for lo in range(0, len(idx), self.config.batch_size):
                 batch = idx[lo:lo + self.config.batch_size]
@@ -510,15 +507,6 @@ class DllmLM(LM):
 def main(argv: list[str]) -> int:
     """`dllm eval ARGS...`: lm-eval's command line (run, ls, validate; `run` when none is named) with the
     `dllm` model registered. Bad model arguments: one line on stderr, exit status 2."""
-    if _LM_EVAL_MISSING is not None:
-        print(f"dllm: error: dllm eval needs lm-evaluation-harness (pip install 'dllm-runtime[eval]'): "
-              f"{_LM_EVAL_MISSING}", file=sys.stderr)
-        return 2
-    from lm_eval._cli.ls import List
-    from lm_eval._cli.run import Run
-    from lm_eval._cli.validate import Validate
-    from lm_eval.utils import setup_logging, simple_parse_args_string
-
     parser = argparse.ArgumentParser(prog="dllm eval", description="lm-evaluation-harness with the runtime as "
                                      "model 'dllm' (--model dllm --model_args model=DIR,...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
