@@ -5,7 +5,7 @@
 
 Generates the answers of --n held-out prompts (never seen in training: models.train_tiny.split) as one
 padded batch per configuration, scores exact match (the response up to the first end-of-text), and
-times each configuration against NoCache in the same run.
+times each configuration against NoCache timed right after it (same batch, backend and machine load).
 
 Accuracy is exact and repeatable on one machine; it is the one batch left-padded to its longest prompt.
 The same batch padded a few columns wider (--pads: extra left padding, a no-op in exact arithmetic)
@@ -92,22 +92,25 @@ class Cell:
         return f"{self.accuracy:.1%} ({self.low:.1%}–{self.high:.1%})".replace("%", " %")
 
 
-def measure(eng: Engine, examples, options: dict, repeats: int, pads, base: float | None) -> Cell:
+def measure(eng: Engine, examples, options: dict, repeats: int, pads) -> Cell:
+    """One configuration; its speedup is against NoCache timed right after it (same batch, same load)."""
     policy, opts = configuration(options)
     acc, sec, steps = evaluate(eng, examples, policy, repeats, **opts)
+    base = evaluate(eng, examples, configuration({})[0], repeats)[1] if options else sec
     longest = max(len(eng.encode(p + "\n")) for p, _ in examples)
     runs = [correct(eng, examples, policy, **opts)] + [
         correct(eng, examples, policy, prompt_bucket=longest + pad, **opts) for pad in pads if pad]
     accs = [sum(r) / len(r) for r in runs]
     flips = sum(len(set(col)) > 1 for col in zip(*runs))
-    return Cell(acc, min(accs), max(accs), flips, sec, (base or sec) / sec, steps)
+    return Cell(acc, min(accs), max(accs), flips, sec, base / sec, steps)
 
 
 def markdown(cells: dict, backends, n: int, repeats: int, pads) -> str:
     head = (f"`python -m dllm.perf.quality --backends {' '.join(backends)} --repeats {repeats} --pads "
             f"{' '.join(map(str, pads))} --markdown`: {n} held-out prompts never seen in training, exact match, one "
-            f"batch of {n}, G={GEN}, {GEN} steps, greedy; seconds = median of {repeats}; each backend's speedups "
-            f"against its own NoCache in the same run. Accuracy: the batch padded to its longest prompt; in "
+            f"batch of {n}, G={GEN}, {GEN} steps, greedy; seconds = median of {repeats}; each speedup against "
+            f"NoCache on the same backend, timed right after the configuration. Accuracy: the batch padded to "
+            f"its longest prompt; in "
             f"parentheses the range when padded {', '.join(map(str, [p for p in pads if p]))} columns wider "
             f"(a no-op in exact arithmetic, a different float summation order); flips = prompts whose answer "
             f"changes with the padding.")
@@ -139,10 +142,8 @@ def main(argv=None) -> None:
     cells = {}
     for backend in a.backends:
         eng = Engine.from_pretrained(a.model, backend=backend)
-        base = None
         for label, options in CONFIGS:
-            c = cells[backend, label] = measure(eng, examples, options, a.repeats, a.pads, base)
-            base = base or c.seconds
+            c = cells[backend, label] = measure(eng, examples, options, a.repeats, a.pads)
             print(f"{label:<38} {backend:<8} {c.accuracy:>9.1%} {f'{c.low:.1%}–{c.high:.1%}':>15} {c.flips:>5} "
                   f"{c.seconds:>8.3f} {c.speedup:>7.2f}x {c.steps:>6}", flush=True)
     if a.markdown:
