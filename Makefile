@@ -1,16 +1,20 @@
 # Everything a fresh machine needs: `make demo` and `make test` create the virtual environment,
-# install torch 2.13.0 (the CPU build; a bare `torch` would pull a multi-GB CUDA build) and the project.
+# install torch 2.13.0 and the project. The pin fixes the version the tests run against, not the build:
+# pip installs whatever torch==2.13.0 wheel its index offers for the platform. On Linux x86_64 PyPI's
+# is the CUDA build (GBs of nvidia-* wheels), which `make gpu-check` needs; this dev machine gets the CPU
+# build from its local wheel folder. CPU-only elsewhere: `python3 -m venv .venv && .venv/bin/pip install
+# torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` first, then make (the pin is then met).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,serve,eval]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +28,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m dllm.perf.report
+
+gpu-check: $(STAMP)   # the first GPU run: tests, real-shape latencies, floors, baseline (no GPU: one line)
+	$(PY) -m dllm.perf.gpu_check
 
 clean:
 	rm -rf $(VENV) demo-models build *.egg-info
