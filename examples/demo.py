@@ -20,24 +20,29 @@ PROMPTS = [("reverse 48213", "31284"), ("sort 90417", "01479"), ("reverse 7705",
 
 
 def dllm(*args) -> dict:
-    return json.loads(subprocess.run(DLLM + ["generate", *map(str, args), "--json"], check=True,
-                                     capture_output=True, text=True).stdout)
+    cmd = DLLM + ["generate", *map(str, args), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"demo: {' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr}")
+    return json.loads(res.stdout)
 
 
 def main() -> None:
-    print(f"== trained model {TRAINED.relative_to(ROOT)}: `dllm generate --prompt $'reverse 48213\\n' "
-          f"--gen-length 8 --steps 8 [--policy ...]`")
+    print(f"== trained model {TRAINED.relative_to(ROOT)}: `.venv/bin/dllm generate --model {TRAINED.relative_to(ROOT)} "
+          f"--prompt $'reverse 48213\\n' --gen-length 8 [--policy ...]` (one process per answer; each starts "
+          f"torch)", flush=True)
     wrong = 0
     for policy in (["--policy", "none"], ["--policy", "dllm-cache", "--kp", "4", "--kr", "2"],
                    ["--policy", "d2cache", "--k", "4", "--attn-budget", "4"],
                    ["--policy", "dual-cache", "--block-length", "4"]):
-        answers = []
-        for prompt, want in PROMPTS:
+        print(f"   {' '.join(policy[1:]):<38}", end="", flush=True)
+        for i, (prompt, want) in enumerate(PROMPTS):
             res = dllm("--model", TRAINED, "--prompt", prompt + "\n", "--gen-length", 8, "--steps", 8, *policy)
             got = res["text"][0]
             wrong += got != want
-            answers.append(f"{prompt!r} -> {got!r}" + ("" if got == want else f" (want {want!r})"))
-        print(f"   {' '.join(policy[1:]):<38} " + "; ".join(answers))
+            print(("; " if i else " ") + f"{prompt!r} -> {got!r}" + ("" if got == want else f" (want {want!r})"),
+                  end="", flush=True)
+        print()
 
     out = ROOT / "demo-models"
     for family in ("llada", "dream"):
@@ -45,7 +50,7 @@ def main() -> None:
         res = dllm("--model", folder, "--prompt", "What is 7*6?", "--chat", "--gen-length", 32, "--steps", 32,
                    "--block-length", 8 if family == "llada" else 32)
         print(f"== tiny random {family} ({folder.relative_to(ROOT)}): tokens {res['tokens'][0][:10]}... "
-              f"kinds {res['step_kinds']} {res['seconds']:.3f} s backend {res['backend']}")
+              f"kinds {res['step_kinds']} {res['seconds']:.3f} s backend {res['backend']}", flush=True)
 
     eng = Engine.from_pretrained(out / "tiny-llada", backend="eager")
     a = eng.generate([5, 6, 7, 8], gen_length=16, steps=16, block_length=8)

@@ -182,16 +182,24 @@ def write_tiny(folder: str | Path, family: str = "llada", preset: str | Preset =
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=sorted(SPECIALS), default="llada")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sharded", action="store_true")
-    ap.add_argument("--no-tokenizer", action="store_true")
+    ap = argparse.ArgumentParser(prog="python -m dllm.models.tiny", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="then: .venv/bin/dllm generate --model OUT --prompt 'What is 7*6?' --chat "
+                                        "--gen-length 32   (random weights: the text is noise)")
+    ap.add_argument("--family", choices=sorted(SPECIALS), default="llada", help="checkpoint format (default llada)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="dimensions: " + "; ".join(f"{n}: {p.n_layers} layers, d {p.d_model}, vocab {p.vocab_size}"
+                                                    for n, p in sorted(PRESETS.items())) + " (default tiny)")
+    ap.add_argument("--out", required=True, help="folder to write (created; existing files are overwritten)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    ap.add_argument("--sharded", action="store_true", help="two safetensors shards and an index, like a hub folder")
+    ap.add_argument("--no-tokenizer", action="store_true", help="no tokenizer files (use --prompt-ids then)")
     a = ap.parse_args(argv)
     path = write_tiny(a.out, a.family, a.preset, seed=a.seed, sharded=a.sharded, tokenizer=not a.no_tokenizer)
-    print(path)
+    p = PRESETS[a.preset]
+    print(f"wrote a random {a.family} checkpoint to {path} ({a.preset}: {p.n_layers} layers, d {p.d_model}, "
+          f"vocab {p.vocab_size}; {'two safetensors shards' if a.sharded else 'model.safetensors'}"
+          f"{'' if a.no_tokenizer else ', character tokenizer with a chat template'})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""Using dllm the way people use an inference runtime (issue 15): `--version`, defaults for the response
+length and step count, progress of long work on stderr (none under --json or --quiet), and every
+runnable shell example of the README, run as written from the repository root.
+
+README examples: every line of a ```bash block that starts with `.venv/bin/` runs, in order, unless it
+ends with a comment that starts with `# needs` (`# needs a GPU`, `# needs an 8B folder`) or `# slow`. A
+trailing `# prints X` comment is checked: X must appear on stdout.
+"""
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from dllm.runtime.cli import StepBar, build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINED = ROOT / "models" / "trained" / "arith-llada"
+SKIP_MARK = re.compile(r"#\s*(needs\b|slow\b)")
+PRINTS = re.compile(r"#\s*prints\s+(\S+)")
+
+
+def run(capsys, *args):
+    rc = main(list(map(str, args)))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"dllm {version('dllm-runtime')}\n"
+
+
+def test_defaults_and_help(capsys):
+    a = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
+    assert (a.gen_length, a.steps, a.block_length, a.quiet, a.json) == (128, None, None, False, False)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    assert "default 128" in help_text and "default G" in help_text
+    assert "models/trained/arith-llada" in help_text and "reverse 48213" in help_text   # the prompt format
+
+
+def test_shipped_model_steps_default_to_gen_length(capsys):
+    rc, out, err = run(capsys, "generate", "--model", TRAINED, "--prompt", "reverse 48213\n", "--gen-length", 8,
+                       "--json")
+    assert rc == 0
+    assert out.count("\n") == 1 and json.loads(out)["text"] == ["31284"]     # exactly one JSON object
+    obj = json.loads(out)
+    assert obj["steps"] == 8 and obj["step_kinds"] == {"full": 8}
+    assert err == ""                                                         # no progress under --json
+
+
+def test_gen_length_default(capsys, tiny_dirs):
+    rc, out, err = run(capsys, "generate", "--model", tiny_dirs["llada"], "--prompt-ids", "5,6,7", "--steps", 8,
+                       "--json")
+    obj = json.loads(out)
+    assert rc == 0 and len(obj["tokens"][0]) == 128 and obj["steps"] == 8 and err == ""
+
+
+def test_progress_on_stderr_and_quiet(capsys):
+    args = ["generate", "--model", TRAINED, "--prompt", "sort 93142", "--chat", "--gen-length", 8]
+    rc, out, err = run(capsys, *args)
+    assert rc == 0 and out == "12349\n"
+    assert f"dllm: loading weights from {TRAINED}" in err and "dllm: loaded " in err
+    assert "8 tokens, 8 steps (full 8)" in err                            # the summary line
+    assert "denoising" not in err                                        # no bar: stderr is not a terminal
+    rc, out, err = run(capsys, *args, "--quiet")
+    assert rc == 0 and out == "12349\n" and err == ""
+    assert not logging.getLogger("dllm").handlers             # main() leaves the logger as it found it
+
+
+@pytest.fixture
+def dllm_logger():
+    """dllm export configures the 'dllm' logger for the rest of its process; put it back after the test."""
+    log = logging.getLogger("dllm")
+    saved = (log.handlers[:], log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
+
+
+def test_export_progress_and_quiet(capsys, tmp_path, tiny_dirs, dllm_logger):
+    args = ["export", "--model", tiny_dirs["llada"], "--format", "torchscript", "--prompt-bucket", 8,
+            "--gen-length", 8, "--steps", 8]
+    rc, out, err = run(capsys, *args, "--out", tmp_path / "a")
+    assert rc == 0 and "wrote" in out and "dllm: loading weights from" in err
+    rc, out, err = run(capsys, *args, "--out", tmp_path / "b", "--quiet")
+    assert rc == 0 and "wrote" in out and err == ""
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_step_bar(monkeypatch):
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    assert not StepBar(enabled=False).enabled
+    quick = StepBar(enabled=True)                # a generation shorter than 2 s draws nothing
+    for i in range(1, 5):
+        quick(i, 4)
+    quick.close()
+    assert "denoising" not in sys.stderr.getvalue()
+    slow = StepBar(enabled=True)
+    slow(1, 4)
+    time.sleep(2.1)
+    slow(2, 4)
+    assert "dllm: denoising" in sys.stderr.getvalue() and "2/4" in sys.stderr.getvalue()
+    slow.close()
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert not StepBar(enabled=True).enabled     # never a bar into a pipe or a file
+
+
+def readme_commands(text: str) -> list[str]:
+    """The runnable lines of the ```bash blocks of a README (continuation lines joined)."""
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            line = line.strip()
+            comment = line.split(" #", 1)[1] if " #" in line else ""
+            if line.startswith(".venv/bin/") and not SKIP_MARK.search("#" + comment):
+                cmds.append(line)
+    return cmds
+
+
+def run_readme_commands(cmds: list[str], root: Path, workdir: Path, workers: int = 2) -> list[tuple[str, float]]:
+    """Run the commands in a folder that mirrors the repository (its entries linked, so what they write
+    under build/ or demo-models/ lands in workdir), two at a time; a command that names a folder an
+    earlier command wrote (`--out DIR`) waits for that command. Returns (command, seconds) per command."""
+    for entry in root.iterdir():
+        if entry.name not in ("build", "demo-models", ".git"):
+            (workdir / entry.name).symlink_to(entry)
+
+    def one(cmd: str, deps: list) -> tuple[str, float]:
+        for d in deps:
+            d.result()
+        t0 = time.perf_counter()
+        res = subprocess.run(["bash", "-c", cmd], cwd=workdir, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"README example failed ({res.returncode}): {cmd}\n{res.stderr[-2000:]}"
+        want = PRINTS.search(cmd.split(" #", 1)[1]) if " #" in cmd else None
+        if want:
+            assert want.group(1) in res.stdout, f"{cmd}: expected {want.group(1)!r} on stdout, got {res.stdout!r}"
+        return cmd, time.perf_counter() - t0
+
+    writers: dict[str, Future] = {}
+    futures = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:   # tasks start in submission order: no deadlock
+        for cmd in cmds:
+            deps = [f for out, f in writers.items() if out in cmd]
+            fut = pool.submit(one, cmd, deps)
+            futures.append(fut)
+            for out in re.findall(r"--out\s+(\S+)", cmd):
+                writers[out] = fut
+        return [f.result() for f in futures]
+
+
+def test_readme_examples(tmp_path):
+    if not (ROOT / ".venv" / "bin" / "dllm").exists():
+        pytest.skip("no .venv/bin/dllm: the README examples assume `make demo` / `make test` made .venv/")
+    text = (ROOT / "README.md").read_text()
+    if "## Quick start" not in text:
+        pytest.skip("the README's examples are not marked for running yet (no Quick start section)")
+    cmds = readme_commands(text)
+    assert any("models/trained/arith-llada" in c for c in cmds) and any("dllm.models.tiny" in c for c in cmds)
+    run_readme_commands(cmds, ROOT, tmp_path)
+
+
+def test_readme_command_selection():
+    text = ("```bash\n.venv/bin/dllm --version\n.venv/bin/dllm generate --model ./LLaDA-8B \\\n    --steps 8  "
+            "# needs an 8B folder\n.venv/bin/python -m pytest perf/   # slow: minutes\nmake demo\n"
+            "cmake --build build/cpp -j2\n.venv/bin/dllm generate --prompt x   # prints 31284\n```\n"
+            "```python\n.venv/bin/not-shell\n```\n")
+    assert readme_commands(text) == [".venv/bin/dllm --version", ".venv/bin/dllm generate --prompt x   # prints 31284"]
