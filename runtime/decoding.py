@@ -7,12 +7,16 @@ count in the schedule (a static shape), k is read from the schedule tensor.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+MAX_TEMPERATURE = 10.0   # sampling temperatures above this overflow LLaDA's float64 Gumbel race
 
 
 class RequestError(ValueError):
@@ -34,14 +38,17 @@ class DecodeConfig:
     def make(family: str, remasking=None, alg=None, temperature=0.0, top_p=None, top_k=None,
              threshold=None) -> "DecodeConfig":
         """Validate user options against the model family and fill the family defaults."""
-        if threshold is not None and not 0.0 < threshold <= 1.0:
-            raise RequestError(f"threshold must be in (0, 1] (a probability), got {threshold}")
-        if temperature is None or temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 1:
-            raise RequestError(f"top_k must be >= 1, got {top_k}")
+        def real(v, ok, message):                          # a finite number for which ok(v) holds
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise RequestError(f"{message}, got {v!r}")
+        if threshold is not None:
+            real(threshold, lambda t: 0.0 < t <= 1.0, "threshold must be in (0, 1] (a probability)")
+        real(temperature, lambda t: 0.0 <= t <= MAX_TEMPERATURE,   # higher: the float64 Gumbel race overflows
+             f"temperature must be >= 0 and at most {MAX_TEMPERATURE:g} (a finite number)")
+        if top_p is not None:
+            real(top_p, lambda p: 0.0 < p <= 1.0, "top_p must be in (0, 1]")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise RequestError(f"top_k must be an integer >= 1, got {top_k!r}")
         if family == "llada":
             if alg is not None:
                 raise RequestError(f"--alg {alg} is a Dream option; LLaDA chooses tokens with "
@@ -79,9 +86,9 @@ class DecodeConfig:
 
 def check_shape(gen_length: int, block_length: int, steps: int) -> int:
     """Validate gen/block/steps; returns steps per block."""
-    if gen_length < 1 or block_length < 1 or steps < 1:
-        raise RequestError(f"gen_length, block_length and steps must be >= 1 "
-                           f"(got {gen_length}, {block_length}, {steps})")
+    for name, v in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RequestError(f"{name} must be an integer >= 1, got {v!r}")
     if gen_length % block_length:
         raise RequestError(f"gen_length {gen_length} is not a multiple of block_length {block_length}; "
                            f"choose a block_length that divides it")
@@ -89,6 +96,9 @@ def check_shape(gen_length: int, block_length: int, steps: int) -> int:
     if steps % n_blocks:
         raise RequestError(f"steps {steps} is not a multiple of the number of blocks {n_blocks} "
                            f"(gen_length {gen_length} / block_length {block_length}); use a multiple of {n_blocks}")
+    if steps // n_blocks > block_length:     # a step that can commit nothing is wasted work
+        raise RequestError(f"steps {steps} is more than the {gen_length} tokens to generate ({steps // n_blocks} "
+                           f"steps per block of {block_length}); use at most {gen_length} steps")
     return steps // n_blocks
 
 

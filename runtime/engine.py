@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import threading
 import time
 import warnings
@@ -16,18 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from dllm.graphs import backends
 from dllm.graphs.capture import GraphPool
-from dllm.models.checkpoint import Weights, load_weights
+from dllm.models.checkpoint import Weights, available_bytes, load_weights
 from dllm.models.config import CheckpointError, ModelConfig, load_config
 
 from . import scheduler
 from .decoding import DecodeConfig, RequestError, check_shape
 from .policy import NoCache, Policy
 from .prepared import Prepared
-from .state import RequestShape, StepState
+from .state import RequestShape, StepState, request_bytes
 from .steps import with_noise
 
 log = logging.getLogger("dllm")      # progress of long work (loading, preparing); the CLI shows it on stderr
@@ -83,6 +85,11 @@ class Bucket:
                             self.steps)
 
 
+def _is_id(t) -> bool:
+    """A token id as a user may pass one: a python or numpy integer, never a bool."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_))
+
+
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     """The folder's tokenizer, or None when it has none. Custom tokenizer code (Dream's) only runs
     when the caller says so; nothing is fetched from a hub."""
@@ -92,10 +99,10 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     if tc.is_file() and not trust_remote_code:
         try:
             needs_code = "auto_map" in json.loads(tc.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
             raise CheckpointError(f"{tc}: not valid JSON ({e})") from None
         if needs_code:
-            raise CheckpointError(f"{folder}: the tokenizer needs custom code (tokenizer_config.json has an "
+            raise RemoteCodeRequired(f"{folder}: the tokenizer needs custom code (tokenizer_config.json has an "
                                   f"auto_map, as Dream's does); pass --trust-remote-code "
                                   f"(trust_remote_code=True) if you trust this folder, or use --prompt-ids")
     from transformers import AutoTokenizer
@@ -107,8 +114,16 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
             warnings.simplefilter("ignore", FutureWarning)
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
                                                  local_files_only=True)
+    except Exception as e:                 # tokenizers/transformers raise many types for one broken folder
+        raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no message'}); the tokenizer files "
+                              f"are missing, empty or corrupt") from None
     finally:
         hf_logging.set_verbosity(level)
+
+
+class RemoteCodeRequired(CheckpointError):
+    """The folder's tokenizer needs custom code the caller did not allow."""
 
 
 def _counted(step_fns: dict, progress: Callable[[int, int], None], planned: int) -> dict:
@@ -180,12 +195,23 @@ class Engine:
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
                         **engine_options):
         """Load a checkpoint folder; engine_options are Engine's (backend, buckets, policies, ...)."""
+        if not isinstance(folder, (str, Path)):
+            raise RequestError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
         folder = Path(folder)
+        if not isinstance(dtype, (str, torch.dtype)) or (isinstance(dtype, torch.dtype) and dtype not in
+                                                         DTYPES.values()):
+            raise RequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise RequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise RequestError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or a torch.device), got {device!r} "
+                               f"({str(e).splitlines()[0]})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise RequestError(f"device {device} is not supported; use cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RequestError("device cuda requested but this torch build sees no CUDA device; use --device cpu")
         cfg = load_config(folder)
@@ -208,10 +234,10 @@ class Engine:
 
     def _tokenizer_if_usable(self):
         """For decoding an id prompt's output: no tokenizer (or one that needs custom code the caller
-        did not allow) means no text, not an error; the caller asked for ids."""
+        did not allow) means no text, not an error; the caller asked for ids. A broken one is an error."""
         try:
             return self.tokenizer
-        except CheckpointError:
+        except RemoteCodeRequired:
             return None
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
@@ -227,18 +253,52 @@ class Engine:
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(text)["input_ids"]
 
+    def _encode_checked(self, text: str, chat: bool) -> list[int]:
+        """encode, with text that is not valid Unicode and tokenizer/template failures as RequestError."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"the prompt is not valid UTF-8 text (character {e.start}: {text[e.start]!r}); "
+                               f"pass UTF-8 text or token ids") from None
+        try:
+            return self.encode(text, chat)
+        except (RequestError, CheckpointError):
+            raise
+        except Exception as e:              # a broken chat template (jinja) or tokenizer code
+            raise RequestError(f"{self.folder}: the tokenizer failed on this prompt ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no message'}); its chat template or "
+                               f"tokenizer files are broken") from None
+
     def _prompt_ids(self, prompt, chat: bool) -> list[list[int]]:
-        if isinstance(prompt, str):
-            prompts = [self.encode(prompt, chat)]
-        elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [self.encode(p, chat) for p in prompt]
-        elif prompt and all(isinstance(t, int) for t in prompt):
-            prompts = [list(prompt)]
-        elif prompt and all(isinstance(p, (list, tuple)) for p in prompt):
-            prompts = [list(p) for p in prompt]
+        """prompt: text, a list of texts, token ids (list, tuple, 1-D numpy array or tensor, numpy
+        integers), or a batch of them (2-D array / tensor, list of lists) -> [B][P_b] python ints."""
+        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, bytes)):   # numpy array / torch tensor
+            prompt = prompt.tolist()
+        if isinstance(prompt, bytes):
+            try:
+                prompt = prompt.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError("the prompt bytes are not valid UTF-8; pass text or token ids") from None
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        is_text = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(p, str) for p in texts)
+        if is_text:
+            prompts = [self._encode_checked(p, chat) for p in texts]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(_is_id(t) for t in prompt):
+            prompts = [[int(t) for t in prompt]]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(p, (list, tuple)) or hasattr(p, "tolist") for p in prompt):
+            prompts = [list(p.tolist() if hasattr(p, "tolist") else p) for p in prompt]
+            for b, ids in enumerate(prompts):
+                if not all(_is_id(t) for t in ids):
+                    raise RequestError(f"prompt {b}: token ids must be integers, got "
+                                       f"{[t for t in ids if not _is_id(t)][:5]}")
+            prompts = [[int(t) for t in ids] for ids in prompts]
         else:
-            raise RequestError("prompt must be a string, a list of strings, a list of token ids, "
-                               "or a list of token-id lists")
+            raise RequestError(f"prompt must be a string, a list of strings, a list of integer token ids "
+                               f"(or a 1-D integer array/tensor), or a list of token-id lists; got "
+                               f"{type(prompt).__name__} {str(prompt)[:60]!r}")
+        if not is_text:                     # ids: a broken tokenizer is refused now, not after generating
+            self._tokenizer_if_usable()
         V, mask = self.cfg.vocab_size, self.cfg.mask_id
         for b, ids in enumerate(prompts):
             if not ids:
@@ -256,6 +316,12 @@ class Engine:
         """The prepared request for this shape, decoding options and policy (allocated on first use)."""
         key = (shape, dc, policy.key(shape))
         if key not in self._prepared:
+            need, free = request_bytes(self.cfg, shape, dc, policy.uses_cache, self.dtype), available_bytes(self.device)
+            if free is not None and need > free:
+                raise RequestError(f"this request (batch {shape.batch}, prompt bucket {shape.prompt_bucket}, gen "
+                                   f"{shape.gen_length}, block {shape.block_length}, policy {policy.name}) needs about "
+                                   f"{need / 2**30:.2f} GiB but {self.device} has {free / 2**30:.2f} GiB available; "
+                                   f"use a shorter prompt or response, a smaller batch or block")
             self._prepared[key] = Prepared.allocate(self.weights, self.cfg, shape, dc, policy, self.device, self.dtype)
         return self._prepared[key]
 
@@ -307,8 +373,15 @@ class Engine:
                                f"the response")
 
     def _pick_shape(self, prompts, gen_length, steps, block_length, prompt_bucket, dc, policy) -> RequestShape:
+        if not isinstance(policy, Policy):
+            hint = f"; use make_policy({policy!r})" if isinstance(policy, str) else ""
+            raise RequestError(f"policy must be a Policy object (NoCache(), DllmCache(...), ...) or None, got "
+                               f"{type(policy).__name__} {policy!r}{hint}")
+        for name, v in (("prompt_bucket", prompt_bucket), ("block_length", block_length)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise RequestError(f"{name} must be an integer >= 1 or None, got {v!r}")
         longest = max(len(p) for p in prompts)
-        block = block_length or gen_length
+        block = gen_length if block_length is None else block_length
         if prompt_bucket is not None and longest > prompt_bucket:
             raise RequestError(f"prompt has {longest} tokens but the prompt bucket holds {prompt_bucket}; "
                                f"use a bucket of at least {longest} or shorten the prompt")

@@ -26,6 +26,12 @@ class RequestShape:
     block_length: int
     steps: int
 
+    def __post_init__(self):
+        for name in ("batch", "prompt_bucket", "gen_length", "block_length", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RequestError(f"{name} must be an integer >= 1, got {v!r}")
+
     @property
     def length(self) -> int:
         return self.prompt_bucket + self.gen_length
@@ -100,6 +106,8 @@ class StepState:
         B, P = self.shape.batch, self.shape.prompt_bucket
         if len(prompts) != B:
             raise RequestError(f"{len(prompts)} prompts for a state of batch {B}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+            raise RequestError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         padded = torch.full((B, P), cfg.pad_id, dtype=torch.int64)
         n_pad = torch.empty(B, dtype=torch.int64)
         for b, ids in enumerate(prompts):
@@ -144,6 +152,22 @@ class StepState:
                 self.noise.exponential_(generator=self.generator)
         if self.unif is not None:
             self.unif.uniform_(generator=self.generator)
+
+
+def request_bytes(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, uses_cache: bool,
+                  dtype: torch.dtype) -> int:
+    """An upper estimate of the memory one prepared request needs: its state, its cache, and what one
+    step holds at its peak (activations, attention scores, the [B, Bl, V] logits, probabilities and
+    noise). Policies' scratch is small next to these (rows x d or rows x L) and is covered by a margin."""
+    B, L, Bl, V, d = shape.batch, shape.length, shape.block_length, cfg.vocab_size, cfg.d_model
+    act = torch.empty(0, dtype=dtype).element_size()
+    state = B * L * (8 + 1 + 2 * cfg.head_dim * 4) + B * Bl * 8 * 4
+    noise = B * Bl * V * 8 if dc.random_per_vocab else 0                       # [B, Bl, V] float64
+    cache = 2 * cfg.n_layers * B * L * (cfg.kv_width + d) * act if uses_cache else 0
+    step = (B * L * (cfg.q_width + 2 * cfg.kv_width + 3 * d + 2 * cfg.mlp_hidden) * act   # one layer's activations
+            + B * cfg.n_heads * L * L * 4                                       # attention scores [B, H, L, L]
+            + 4 * B * Bl * V * 8)                                               # logits, softmax, float64 copies
+    return int(1.25 * (state + noise + cache + step))
 
 
 @dataclass
