@@ -70,8 +70,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     """q [B, H, S, hd] over k, v [B, Hkv, L, hd]; key_mask [B, 1, 1, L] bool (True = real key) -> [B, S, H*hd].
 
     Bidirectional; only keys are masked, so no query row is ever fully masked. gqa (H != Hkv) comes
-    from the config, not from tensor shapes, so the call traces and exports as a constant."""
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)
+    from the config, not from tensor shapes, so the call traces and exports as a constant. Grouped K/V
+    heads are expanded to the query heads before the call instead of passing enable_gqa: with a key
+    mask, CUDA SDPA's flash kernel is out and the memory-efficient kernel rejects unequal head counts,
+    so enable_gqa would run the fp32-upcast math kernel in every layer (Dream: 28 / 4 heads). The copy
+    is 2 * (H - Hkv) * L * hd per layer, a few MB against hundreds of MB of weights."""
+    if gqa:   # KV head j serves query heads j*g .. j*g+g-1 (enable_gqa's and Qwen2's order)
+        B, Hkv, L, hd = k.shape
+        g = q.shape[1] // Hkv
+        k = k[:, :, None].expand(B, Hkv, g, L, hd).reshape(B, Hkv * g, L, hd)        # [B, H, L, hd]
+        v = v[:, :, None].expand(B, Hkv, g, L, hd).reshape(B, Hkv * g, L, hd)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
     B, H, S, hd = o.shape
     return o.transpose(1, 2).reshape(B, S, H * hd)
 

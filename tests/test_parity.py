@@ -319,3 +319,77 @@ def test_left_padding_matches_hf(tiny, hf_models, family):
     for impl in ("eager", "sdpa"):
         diff = (ours_logits(w, cfg, tokens, n_pad) - hf_logits(hf_models[(family, impl)], tokens, n_pad))
         assert diff.abs().max().item() <= ATOL, f"{impl}: {diff.abs().max().item():.3e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped-query attention reaches SDPA with equal head counts (issue 12, item 5)
+# ----------------------------------------------------------------------------------------------
+
+GQA_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}   # expanded K/V vs enable_gqa, same inputs
+
+
+class SdpaCalls(torch.overrides.TorchFunctionMode):
+    """Records (query heads, key heads, value heads, enable_gqa) of every SDPA call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            self.calls.append((q.shape[1], k.shape[1], v.shape[1], bool(kwargs.get("enable_gqa", False))))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expanded_kv_heads_equal_enable_gqa(dtype):
+    """layers.attention with Dream's head ratio (28 / 4, real head dim) equals SDPA's own enable_gqa
+    on the same inputs, with a key mask, within GQA_ATOL."""
+    from dllm.models.layers import attention
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, S, L, hd = 2, 28, 4, 6, 20, 128
+    q = torch.randn(B, H, S, hd, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, hd, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, hd, generator=g).to(dtype)
+    key_mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    key_mask[1, ..., :7] = False                                        # left padding of row 1
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=True)
+    ref = ref.transpose(1, 2).reshape(B, S, H * hd)
+    out = attention(q, k, v, key_mask, gqa=True)
+    diff = (out.float() - ref.float()).abs().max().item()
+    assert diff <= GQA_ATOL[dtype], f"{dtype}: max diff {diff:.3e}"
+    # the check can fail: a wrong head order (tile instead of repeat) is far off
+    wrong = torch.nn.functional.scaled_dot_product_attention(q, k.repeat(1, H // Hkv, 1, 1),
+                                                             v.repeat(1, H // Hkv, 1, 1), attn_mask=key_mask)
+    assert (wrong.transpose(1, 2).reshape(B, S, H * hd).float() - ref.float()).abs().max().item() > 0.1
+
+
+def test_dream_attention_calls_sdpa_with_equal_head_counts(tiny):
+    """Every SDPA call of a Dream forward gets as many K/V heads as query heads and no enable_gqa, so on
+    CUDA the memory-efficient kernel can take it (with a key mask flash cannot, and the efficient
+    kernel refuses grouped heads: the math kernel would run instead)."""
+    _, cfg, w = tiny["dream"]
+    assert cfg.n_kv_heads < cfg.n_heads, "the tiny Dream preset must be grouped for this test to mean anything"
+    with SdpaCalls() as seen:
+        ours_logits(w, cfg, _tokens(cfg, 1, 8, seed=3))
+    assert len(seen.calls) == cfg.n_layers
+    assert all(c == (cfg.n_heads, cfg.n_heads, cfg.n_heads, False) for c in seen.calls), seen.calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dream_step_runs_on_efficient_sdpa_kernels(tiny_dirs, dtype):
+    """On CUDA, a Dream generation (every dual-cache step kind: full and partial rows) runs with SDPA
+    restricted to the memory-efficient and flash kernels: a fallback to the math kernel raises
+    instead of silently costing an fp32 upcast in every layer. Tokens equal the unrestricted run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dllm.runtime import DualCache, Engine
+    eng = Engine.from_pretrained(tiny_dirs["dream"], device="cuda", dtype=dtype, backend="eager")
+    kw = dict(gen_length=16, steps=16, block_length=8, prompt_bucket=16, policy=DualCache())
+    free = eng.generate([5, 6, 7, 8, 9], **kw)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        fast = eng.generate([5, 6, 7, 8, 9], **kw)
+    assert fast.tokens == free.tokens
