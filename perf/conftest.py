@@ -4,6 +4,8 @@
     --backends eager,compile        default: every backend available on the device
     --policies none,dllm-cache,...  default: all four
     --family llada|dream            default llada
+    --rounds N                      timed rounds per step benchmark (default: per preset, ROUNDS); the
+                                    suite times with benchmark.pedantic, which ignores --benchmark-min-rounds
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def pytest_addoption(parser):
     g.addoption("--backends", default=None, help="comma-separated (default: all available on the device)")
     g.addoption("--policies", default=",".join(POLICIES), help="comma-separated: " + ", ".join(POLICIES))
     g.addoption("--family", default="llada", choices=["llada", "dream"])
+    g.addoption("--rounds", type=int, default=None, help="timed rounds per step benchmark (default: per preset); "
+                                                          "end-to-end benchmarks run a quarter of them")
 
 
 def _device() -> torch.device:
@@ -99,6 +103,17 @@ def engines(models):
             dtype = m.weights.wqkv.dtype
             cache[(preset, backend)] = Engine(m.cfg, m.weights, device=_device(), dtype=dtype, backend=backend)
         return cache[(preset, backend)]
+    return get
+
+
+@pytest.fixture(scope="session")
+def rounds(request):
+    """preset -> (timed rounds, warm-up rounds) for benchmark.pedantic (--rounds overrides the timed ones)."""
+    override = request.config.getoption("--rounds")
+
+    def get(preset: str) -> tuple[int, int]:
+        timed, warmup = ROUNDS[preset]
+        return (override or timed), warmup
     return get
 
 

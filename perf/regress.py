@@ -1,14 +1,17 @@
 """Latency-regression gate over pytest-benchmark JSON.
 
     python -m dllm.perf.regress --baseline perf/baselines/cpu-tiny.json --current run.json --max-slowdown 5%
-    python -m dllm.perf.regress --record cpu-tiny [--pytest-args "--presets tiny --backends eager"]
+    python -m dllm.perf.regress --record cpu-tiny [--pytest-args "--presets tiny --backends eager"] [--force]
+    python -m dllm.perf.regress --record h100 --from run.json [--force]
 
 Compares the median of every benchmark present in both files. Noise rule: a benchmark regresses only
 if its median is slower than the baseline median by more than --max-slowdown AND the slowdown in
 seconds exceeds the baseline's interquartile range (a change inside the baseline's own spread is not
 evidence). Prints one table row per benchmark; exit status 1 if any regressed, 2 on unusable input,
 0 otherwise. Benchmarks only in one file are listed (new / missing) and do not fail the gate unless
---strict. --record runs the benchmark suite and writes perf/baselines/<name>.json.
+--strict. --record runs the benchmark suite and writes perf/baselines/<name>.json (--from FILE adopts
+an existing run instead, e.g. a CI job's first run); it refuses to overwrite a baseline without --force,
+so the committed baseline is never silently replaced by the run it is meant to judge.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BASELINES = ROOT / "perf" / "baselines"
 
 
 class GateError(ValueError):
@@ -109,14 +113,32 @@ def machine_note(base: dict, cur: dict) -> str | None:
     return None
 
 
-def record(name: str, pytest_args: str) -> int:
-    out = ROOT / "perf" / "baselines" / f"{name}.json"
+def check_writable(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise GateError(f"{out} exists: it is the baseline runs are gated against. Gate a new run with "
+                        f"--baseline {out} --current RUN.json, or pass --force to replace it")
+
+
+def record(name: str, pytest_args: str, force: bool = False, source: str | None = None,
+           folder: Path = BASELINES) -> int:
+    """Write folder/NAME.json: from the run in `source` (validated), or by running the suite."""
+    out = Path(folder) / f"{name}.json"
+    check_writable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "perf"), "-q", f"--benchmark-json={out}", *pytest_args.split()]
+    if source is not None:
+        load(source)                                       # a usable pytest-benchmark file, or GateError
+        out.write_text(Path(source).read_text())
+        print(f"baseline recorded: {out} (from {source})")
+        return 0
+    tmp = out.with_suffix(".json.part")                    # a failed run leaves the old baseline alone
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "perf"), "-q", f"--benchmark-json={tmp}", *pytest_args.split()]
     print("$ " + " ".join(cmd))
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     if rc == 0:
+        tmp.replace(out)
         print(f"baseline recorded: {out}")
+    else:
+        tmp.unlink(missing_ok=True)
     return rc
 
 
@@ -128,10 +150,13 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="benchmarks missing from the current run fail the gate")
     ap.add_argument("--record", metavar="NAME", help="run the suite and write perf/baselines/NAME.json")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments for --record")
+    ap.add_argument("--from", dest="source", metavar="FILE", help="--record: adopt this benchmark JSON instead of "
+                                                                  "running the suite")
+    ap.add_argument("--force", action="store_true", help="--record: replace an existing baseline")
     a = ap.parse_args(argv)
     try:
         if a.record:
-            return record(a.record, a.pytest_args)
+            return record(a.record, a.pytest_args, a.force, a.source)
         if not a.baseline or not a.current:
             raise GateError("give --baseline FILE and --current FILE (or --record NAME)")
         limit = parse_slowdown(a.max_slowdown)

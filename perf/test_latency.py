@@ -7,7 +7,7 @@ import torch
 
 from dllm.runtime.decoding import DecodeConfig
 
-from .conftest import POLICIES, ROUNDS
+from .conftest import POLICIES
 
 
 def _sync():
@@ -15,7 +15,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def test_step(benchmark, models, engines, step_case):
+def test_step(benchmark, models, engines, rounds, step_case):
     preset, policy_name, backend, kind = step_case
     m, eng, policy = models(preset), engines(preset, backend), POLICIES[policy_name]
     dc = DecodeConfig.make(m.cfg.family)
@@ -30,13 +30,13 @@ def test_step(benchmark, models, engines, step_case):
         def run():
             runners[kind]()
             _sync()
-        rounds, warmup = ROUNDS[preset]
+        timed, warmup = rounds(preset)
         benchmark.extra_info.update(preset=preset, policy=policy_name, backend=backend, kind=kind,
                                     prepare_seconds=prep, device=str(eng.device))
-        benchmark.pedantic(run, setup=st.rewind, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        benchmark.pedantic(run, setup=st.rewind, rounds=timed, warmup_rounds=warmup, iterations=1)
 
 
-def test_e2e(benchmark, models, engines, e2e_case):
+def test_e2e(benchmark, models, engines, rounds, e2e_case):
     preset, policy_name, backend = e2e_case
     m, eng, policy = models(preset), engines(preset, backend), POLICIES[policy_name]
     kw = dict(gen_length=m.shape.gen_length, steps=m.shape.steps, block_length=m.shape.block_length,
@@ -46,7 +46,7 @@ def test_e2e(benchmark, models, engines, e2e_case):
     def run():
         eng.generate(m.prompt, **kw)
         _sync()
-    rounds, warmup = ROUNDS[preset]
+    timed, warmup = rounds(preset)
     benchmark.extra_info.update(preset=preset, policy=policy_name, backend=backend, steps=out.steps,
                                 tokens=m.shape.gen_length, step_kinds=out.step_kinds)
-    benchmark.pedantic(run, rounds=max(1, rounds // 4), warmup_rounds=min(1, warmup), iterations=1)
+    benchmark.pedantic(run, rounds=max(1, timed // 4), warmup_rounds=min(1, warmup), iterations=1)

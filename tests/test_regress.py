@@ -78,3 +78,35 @@ def test_bad_slowdown(capsys, tmp_path):
     good = bench_file(tmp_path / "good.json", {"a": 0.1})
     assert regress.main(["--baseline", good, "--current", good, "--max-slowdown", "five"]) == 2
     assert regress.parse_slowdown("5%") == pytest.approx(0.05) and regress.parse_slowdown("0.1") == 0.1
+
+
+# ---------------------------------------------------------------- recording never clobbers a baseline
+
+def test_record_from_a_run_then_refuses_to_overwrite(capsys, tmp_path):
+    run = bench_file(tmp_path / "run.json", {"a": 0.100})
+    assert regress.record("gpu-x", "", source=run, folder=tmp_path / "baselines") == 0
+    recorded = tmp_path / "baselines" / "gpu-x.json"
+    assert json.loads(recorded.read_text())["benchmarks"][0]["stats"]["median"] == 0.100
+    slower = bench_file(tmp_path / "slower.json", {"a": 0.200})
+    with pytest.raises(regress.GateError, match="exists: it is the baseline .* --force"):
+        regress.record("gpu-x", "", source=slower, folder=tmp_path / "baselines")
+    assert json.loads(recorded.read_text())["benchmarks"][0]["stats"]["median"] == 0.100   # untouched
+    # the gate still judges the slower run against the original baseline
+    assert regress.main(["--baseline", str(recorded), "--current", slower]) == 1
+    assert regress.record("gpu-x", "", force=True, source=slower, folder=tmp_path / "baselines") == 0
+    assert json.loads(recorded.read_text())["benchmarks"][0]["stats"]["median"] == 0.200
+
+
+def test_record_refuses_an_unusable_run(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": 1}')
+    with pytest.raises(regress.GateError, match="not a pytest-benchmark JSON"):
+        regress.record("gpu-x", "", source=str(bad), folder=tmp_path)
+    assert not (tmp_path / "gpu-x.json").exists()
+
+
+def test_record_over_the_committed_baseline_exits_2_without_running(capsys):
+    committed = regress.BASELINES / "cpu-dev-tiny.json"
+    before = committed.read_bytes()
+    assert regress.main(["--record", "cpu-dev-tiny", "--pytest-args", "--backends eager"]) == 2
+    assert "exists" in capsys.readouterr().err and committed.read_bytes() == before
