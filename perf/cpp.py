@@ -5,6 +5,8 @@
 Exports the preset for each policy and format, builds the runner, and times: the C++ runner on the
 package (median ms/step over --repeat runs, measured inside the runner), and in the same run the Python
 engine (eager) on the same request, and the same package driven from Python. Prints the ratios.
+--device cuda exports CUDA packages (TorchScript; the runner replays them without CUDA graphs) and
+allows the real-dimension presets (llada-8b-shape, dream-7b-shape: random weights made on the GPU).
 """
 from __future__ import annotations
 
@@ -17,15 +19,15 @@ import time
 from pathlib import Path
 
 from dllm.runtime import export as ex
-from dllm.models.tiny import PRESETS
+from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 
-from .e2e import parse_policy, preset_engine, random_prompt
+from .e2e import DTYPES, parse_policy, preset_dtype, preset_engine, random_prompt
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["llada", "dream"], default="llada")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(SHAPE_PRESETS), default="small")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
@@ -33,16 +35,20 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", nargs="+", default=["none", "dllm-cache:kp=100,kr=7,rho=0.25"])
     ap.add_argument("--formats", nargs="+", default=["torchscript", "aoti"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="default: bfloat16 for the real-dimension presets, float32 otherwise")
     a = ap.parse_args(argv)
+    dtype = preset_dtype(a.preset, a.device, a.dtype)
 
     runner = ex.build_runner()
     with tempfile.TemporaryDirectory() as tmp:
-        eng = preset_engine(a.family, a.preset)
+        eng = preset_engine(a.family, a.preset, device=a.device, dtype=dtype)
         prompt = random_prompt(eng.cfg, a.prompt_len)
         shape = dict(prompt_bucket=a.prompt_len, gen_length=a.gen_length, steps=a.steps,
                      block_length=a.block_length)
         print(f"# {a.family} preset={a.preset} P={a.prompt_len} G={a.gen_length} steps={a.steps} "
-              f"block={a.block_length} cpu, median of {a.repeat}")
+              f"block={a.block_length} {a.device} {str(dtype).replace('torch.', '')}, median of {a.repeat}")
         print(f"{'policy':<34} {'format':<12} {'C++ ms/step':>12} {'Py pkg':>9} {'Py eager':>9} {'eager/C++':>10} "
               f"{'export s':>9} {'same tokens':>12}")
         for spec in a.policies:

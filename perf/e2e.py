@@ -1,10 +1,13 @@
 """End-to-end generation latency per policy, one run, one machine.
 
     python -m dllm.perf.e2e --preset small --family llada --prompt-len 256 --gen-length 64 --steps 64 --block-length 32
+    python -m dllm.perf.e2e --preset llada-8b-shape --device cuda --dtype bfloat16 --backend compile+cudagraph \
+        --prompt-len 512 --gen-length 256 --steps 256 --block-length 32 --policies none dual-cache
 
 Writes a tiny random checkpoint of the preset (real on-disk format) into a temp folder, loads it with
 the real loader, warms up once per policy, then times `--repeats` generations and reports the median
-seconds, tokens/s, the ratio to the first policy (the baseline) and token agreement with it.
+seconds, tokens/s, the ratio to the first policy (the baseline) and token agreement with it. The
+real-dimension presets (llada-8b-shape, dream-7b-shape) are random weights made on the GPU: CUDA only.
 """
 from __future__ import annotations
 
@@ -46,6 +49,18 @@ def preset_engine(family: str, preset: str, *, device="cpu", dtype=torch.float32
                                       device=device, dtype=dtype, backend=backend)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def preset_dtype(preset: str, device, dtype: str | None) -> torch.dtype:
+    """The dtype to run a preset in (default: bfloat16 for the real-dimension presets, else float32);
+    SystemExit with one line when a real-dimension preset is asked for off CUDA."""
+    if preset in SHAPE_PRESETS and torch.device(device).type != "cuda":
+        raise SystemExit(f"--preset {preset} has real dimensions (billions of parameters): run it with "
+                         f"--device cuda on a GPU machine")
+    return DTYPES[dtype or ("bfloat16" if preset in SHAPE_PRESETS else "float32")]
+
+
 def random_prompt(cfg, n: int, seed: int = 0) -> list[int]:
     """n random ids that are not special (mask, eos/pad); latency does not depend on their values."""
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +78,7 @@ def measure(eng: Engine, prompt: list[int], policy, repeats: int, **kw):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["llada", "dream"], default="llada")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(SHAPE_PRESETS), default="small")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
@@ -74,12 +89,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="eager", help="eager | compile | cudagraph | compile+cudagraph")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="default: bfloat16 for the real-dimension presets, float32 otherwise")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    eng = preset_engine(a.family, a.preset, device=a.device, backend=a.backend)
+    dtype = preset_dtype(a.preset, a.device, a.dtype)
+    eng = preset_engine(a.family, a.preset, device=a.device, dtype=dtype, backend=a.backend)
     cfg = eng.cfg
     prompt = random_prompt(cfg, a.prompt_len)
     kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length or a.gen_length)
@@ -87,7 +105,7 @@ def main(argv=None) -> None:
     dev = "cpu" if eng.device.type == "cpu" else torch.cuda.get_device_name()
     print(f"# {a.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
           f"P={a.prompt_len} G={a.gen_length} steps={a.steps} block={kw['block_length']} "
-          f"device={dev} backend={eng.backend} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
+          f"device={dev} dtype={str(dtype).replace('torch.', '')} backend={eng.backend} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
     print(f"{'policy':<44} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7} {'steps':>6}  step kinds")
     for r in policy_rows(eng, prompt, a.policies, a.repeats, **kw):
         kinds = " ".join(f"{k}={n}" for k, n in r["step_kinds"].items())

@@ -4,7 +4,8 @@
 
 Per family, in one run: every policy's end-to-end seconds, tokens/s, speedup over NoCache and token
 agreement with it (perf.e2e); every available backend's per-step latency and its ratio to eager
-(perf.steps); on CUDA also the dLLM-Cache verify step against the weight-streaming floor. Prints Markdown;
+(perf.steps); on CUDA also the full step against the weights-only floor and the dLLM-Cache verify step
+against the weights + cache floor (perf.steps.Floor). Prints Markdown;
 --update-readme rewrites the README section between the perf.report markers with it.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache
+from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.state import RequestShape
 
 from .e2e import policy_rows, preset_engine, random_prompt
@@ -70,10 +72,12 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
                                              f" ({res['eager'][k] / res[n][k]:.2f}×)") for n in names]
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     if device.type == "cuda":
-        floor, bw = weight_floor(eng.weights, device)
-        out += ["", f"Weight-streaming floor {floor * 1e3:.2f} ms ({floor * bw / 1e9:.2f} GB at {bw / 1e12:.2f} "
-                    f"TB/s measured); verify step / floor: " +
-                ", ".join(f"{n} {res[n]['verify'] / floor:.2f}×" for n in names)]
+        cache = eng.prepared(shape, DecodeConfig.make(eng.cfg.family), DllmCache(kp=100, kr=7, rho=0.25)).cache
+        floor = weight_floor(eng.weights, device, cache)
+        out += ["", floor.describe()[0].upper() + floor.describe()[1:] + "; full step / weights-only floor: " +
+                ", ".join(f"{n} {res[n]['full'] / floor.weights_s:.2f}×" for n in names) +
+                "; verify step / weights + cache floor: " +
+                ", ".join(f"{n} {res[n]['verify'] / floor.partial_s:.2f}×" for n in names)]
     return out + [""]
 
 

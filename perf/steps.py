@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -40,9 +41,10 @@ def time_kind(run, st, iters: int, sync) -> float:
     return statistics.median(times)
 
 
-def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters):
-    """{backend: {kind: median seconds}} and {backend: preparation seconds} for a DllmCache request."""
-    dc = DecodeConfig.make(cfg.family)
+def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters, dc=None):
+    """{backend: {kind: median seconds}} and {backend: preparation seconds} for one request of `policy`
+    (every kind it has; warmed up in its capture order, so the full step writes the caches first)."""
+    dc = dc or DecodeConfig.make(cfg.family)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     res, prep = {}, {}
     for name in names:
@@ -52,19 +54,49 @@ def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, ite
         runners, st = prepared.steps, prepared.state
         with torch.inference_mode():
             prepared.fill(cfg, [prompt], seed=0)
-            for k in KINDS:                  # warm-up (the full step first writes every cache)
+            for k in policy.kinds:           # warm-up (the full step first writes every cache)
                 runners[k]()
-            res[name] = {k: time_kind(runners[k], st, iters, sync) for k in KINDS}
+            res[name] = {k: time_kind(runners[k], st, iters, sync) for k in policy.kinds}
         del eng
     return res, prep
 
 
-def weight_floor(weights, device) -> tuple[float, float]:
-    """(weight-streaming floor in seconds, measured bandwidth in bytes/s): one step reads every weight
-    but the embedding (only its gathered rows)."""
-    streamed = sum(t.numel() * t.element_size() for n, t in weights.tensors().items() if n != "embed")
-    bw = device_bandwidth(device)
-    return streamed / bw, bw
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Memory-traffic floors of one step on one device, from a bandwidth measured on that device."""
+    weight_bytes: int       # every weight but the embedding (a step gathers only its rows)
+    cache_bytes: int        # K, V, A, M of every layer and row: what a partial step must read besides weights
+    bandwidth: float        # bytes/s of a device-to-device copy on the requested device
+
+    @property
+    def weights_s(self) -> float:
+        """Weights only: the floor of a full step, which recomputes the cache rather than reading it."""
+        return self.weight_bytes / self.bandwidth
+
+    @property
+    def partial_s(self) -> float:
+        """Weights + cache: a partial step attends over every cached key and value and rebuilds every
+        row's residual stream from the cached attention / FFN deltas, in every layer."""
+        return (self.weight_bytes + self.cache_bytes) / self.bandwidth
+
+    def describe(self) -> str:
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        return (f"weight-streaming floor (weights only, {gb(self.weight_bytes)}) {self.weights_s * 1e3:.2f} ms; "
+                f"partial-step floor (weights + cache, + {gb(self.cache_bytes)} = "
+                f"{self.cache_bytes / self.weight_bytes:.1%} more) {self.partial_s * 1e3:.2f} ms; "
+                f"at {self.bandwidth / 1e12:.2f} TB/s measured")
+
+
+def weight_floor(weights, device, cache=None) -> Floor:
+    """The floors of a step on `device` (bandwidth measured there); cache: the request's Cache, whose
+    K/V/A/M a partial step reads in full (None: weights only)."""
+    streamed = nbytes(t for n, t in weights.tensors().items() if n != "embed")
+    cached = nbytes(cache.tensors().values()) if cache is not None else 0
+    return Floor(streamed, cached, device_bandwidth(torch.device(device)))
 
 
 def main(argv=None) -> None:
@@ -107,24 +139,41 @@ def main(argv=None) -> None:
                 print(f"speedup of {n} over eager: {ratios}")
     print("preparation (compile / capture) seconds: " + ", ".join(f"{n} {prep[n]:.1f}" for n in names))
     if device.type == "cuda":
-        floor, bw = weight_floor(weights, device)
-        print(f"weight-streaming floor: {floor * bw / 1e9:.2f} GB of weights / {bw / 1e12:.2f} TB/s measured = "
-              f"{floor * 1e3:.2f} ms; verify step / floor: " +
-              ", ".join(f"{n} {res[n]['verify'] / floor:.2f}x" for n in names))
+        eng = Engine(cfg, weights, device=device, dtype=dtype, backend="eager")
+        floor = weight_floor(weights, device, eng.prepared(shape, DecodeConfig.make(cfg.family), policy).cache)
+        print(floor.describe())
+        print("full step / weights-only floor: " + ", ".join(f"{n} {res[n]['full'] / floor.weights_s:.2f}x"
+                                                            for n in names))
+        print("verify step / weights + cache floor: " +
+              ", ".join(f"{n} {res[n]['verify'] / floor.partial_s:.2f}x" for n in names))
+
+
+def cuda_seconds(device: torch.device, fn, iters: int) -> float:
+    """Seconds per call of fn, timed with CUDA events on `device`'s current stream (not on whichever
+    device happens to be current)."""
+    with torch.cuda.device(device):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / iters
 
 
 def device_bandwidth(device, gib: int = 2, iters: int = 10) -> float:
-    """Bytes per second of a large device-to-device copy (each byte read once and written once)."""
+    """Bytes per second of a large device-to-device copy on `device` (each byte read once and written once)."""
     src = torch.empty(gib << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize(device)
-    return 2 * src.numel() * iters / (start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / cuda_seconds(torch.device(device), lambda: dst.copy_(src), iters)
+
+
+def device_flops(device, dtype=torch.bfloat16, n: int = 8192, iters: int = 10) -> float:
+    """FLOP/s of a large square matmul on `device` in `dtype`: the compute floor's peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / cuda_seconds(torch.device(device), lambda: a @ b, iters)
 
 
 if __name__ == "__main__":

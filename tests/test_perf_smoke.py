@@ -1,4 +1,7 @@
 """The perf commands run end to end (on the tiny preset, so CI stays fast) and print what they claim."""
+import pytest
+import torch
+
 from dllm.perf import e2e, steps
 
 
@@ -37,13 +40,22 @@ def test_cpp_vs_python_prints_ratios(capsys):
     assert all(r[1] == "torchscript" and r[-1] == "True" and r[5].endswith("x") for r in rows)
 
 
-def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path):
+def machine_words() -> str:
+    """What the report's first line must say about this machine's GPU."""
+    return f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path, device):
     from dllm.perf import report
     report.main(["--family", "dream", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8", "--steps", "8",
                  "--block-length", "4", "--policies", "none", "d2cache:k=4,attn_budget=4", "--backends", "eager",
-                 "--iters", "2"])
+                 "--iters", "2", "--device", device])
     out = capsys.readouterr().out
-    assert out.startswith("Measured on ") and "torch " in out and "no GPU" in out
+    first = out.splitlines()[0]
+    assert first.startswith("Measured on ") and "torch " in first and machine_words() in first
+    assert ("no GPU" in first) == (not torch.cuda.is_available())
+    assert ("partial-step floor (weights + cache" in out) == (device == "cuda")
     assert "| none | " in out and "| d2cache:k=4,attn_budget=4 | " in out and "| verify | " in out
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.BEGIN}\nold\n{report.END}\nrest\n")
@@ -51,9 +63,66 @@ def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path):
     assert readme.read_text() == f"# x\n{report.BEGIN}\nNEW TABLE\n{report.END}\nrest\n"
 
 
-def test_dllm_bench_is_the_report(capsys):
+def test_dllm_bench_is_the_report(capfd):     # capfd: the CLI may run perf.report as its own process
     from dllm.runtime.cli import main
     assert main(["bench", "--family", "llada", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8",
                  "--steps", "8", "--block-length", "4", "--policies", "none", "--backends", "eager",
                  "--iters", "1"]) == 0
-    assert "| none | " in capsys.readouterr().out
+    assert "| none | " in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["e2e", "cpp"])
+def test_shape_presets_are_refused_off_cuda_in_one_line(module):
+    import importlib
+    main = importlib.import_module(f"dllm.perf.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "llada-8b-shape", "--device", "cpu"])
+    msg = str(e.value.code)
+    assert "\n" not in msg and "llada-8b-shape has real dimensions" in msg and "--device cuda" in msg
+
+
+def test_e2e_runs_in_the_requested_dtype(capsys):
+    e2e.main(["--preset", "tiny", "--family", "dream", "--dtype", "bfloat16", "--prompt-len", "8", "--gen-length", "8",
+              "--steps", "8", "--repeats", "1", "--policies", "none", "dual-cache"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "dtype=bfloat16" in lines[0] and len(lines) == 4
+
+
+def test_gpu_check_says_no_gpu_in_one_line_and_exits_0(capsys, tmp_path):
+    from dllm.perf import gpu_check
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: `make gpu-check` is the real run")
+    assert gpu_check.main(["--out", str(tmp_path / "r.md")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == gpu_check.NO_GPU and "\n" not in out.out.strip() and out.err == ""
+    assert out.out.startswith("no GPU") and not (tmp_path / "r.md").exists()
+
+
+def test_gpu_check_names():
+    from dllm.perf import gpu_check
+    assert gpu_check.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    # the baseline gpu_check records is the suite the GPU workflow gates on
+    workflow = (gpu_check.ROOT / ".github" / "workflows" / "gpu-latency.yml").read_text()
+    assert gpu_check.GATE_SUITE in " ".join(workflow.replace("\\\n", " ").split())
+
+
+@pytest.mark.parametrize("family,share", [("llada", (0.04, 0.07)), ("dream", (0.02, 0.05))])
+def test_partial_step_floor_adds_the_cache(family, share):
+    """The partial-step floor counts the K/V/A/M cache a partial step reads besides the weights: at the
+    real shapes (bf16, P=512, G=256; cache on meta tensors) a few percent on top of the weights."""
+    from dllm.models.checkpoint import checkpoint_names
+    from dllm.models.config import parse_config
+    from dllm.models.tiny import SHAPE_PRESETS, tiny_config
+    from dllm.perf.steps import Floor, nbytes
+    from dllm.runtime.state import Cache, RequestShape
+    preset = {"llada": "llada-8b-shape", "dream": "dream-7b-shape"}[family]
+    cfg = parse_config(tiny_config(family, SHAPE_PRESETS[preset]))
+    weight_bytes = sum(2 * torch.Size(shape).numel() for field, _layer, _rows, shape in checkpoint_names(cfg).values()
+                       if field != "embed")                                    # bf16: 2 bytes
+    cache = Cache.allocate(cfg, RequestShape(1, 512, 256, 32, 256), "meta", torch.bfloat16)
+    floor = Floor(weight_bytes, nbytes(cache.tensors().values()), bandwidth=3.0e12)
+    assert share[0] < floor.cache_bytes / floor.weight_bytes < share[1]
+    assert floor.partial_s == pytest.approx((floor.weight_bytes + floor.cache_bytes) / 3.0e12)
+    assert floor.partial_s > floor.weights_s
+    text = floor.describe()
+    assert "weights only" in text and "weights + cache" in text and "3.00 TB/s measured" in text
