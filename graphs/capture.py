@@ -26,6 +26,11 @@ class GraphPool:
         self.handle = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(self.device)
 
+    def release(self, replays) -> None:
+        """Drop the graphs behind these replay functions (their blocks return to the pool)."""
+        gone = list(replays)
+        self.graphs = [(kind, g) for kind, g in self.graphs if g.replay not in gone]
+
 
 def capture(fns: dict[str, Callable[[], None]], reset: Callable[[], None], pool: GraphPool,
             warmup: int = 2) -> dict[str, Callable[[], None]]:

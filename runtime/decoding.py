@@ -8,11 +8,14 @@ count in the schedule (a static shape), k is read from the schedule tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 LLADA_REMASKING = ("low_confidence", "random")
+# The dtype confidences are ranked (and thresholds compared) in: float64 as Fast-dLLM; "logits" = the
+# logits' own dtype, as the official LLaDA sampler and dLLM-Cache (bf16 on a GPU, with its exact ties).
+CONFIDENCE_DTYPES = ("float64", "logits")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
@@ -33,11 +36,15 @@ class DecodeConfig:
     top_k: int | None = None       # Dream only
     eps: float = 1e-3              # Dream: linspace(1, eps, steps + 1)
     threshold: float | None = None  # commit every masked block row with p(x0) >= threshold (at least one)
+    confidence_dtype: str = "float64"  # CONFIDENCE_DTYPES: what p(x0) and the confidences are computed in
 
     @staticmethod
     def make(family: str, remasking=None, alg=None, temperature=0.0, top_p=None, top_k=None,
-             threshold=None) -> "DecodeConfig":
+             threshold=None, confidence_dtype: str = "float64") -> "DecodeConfig":
         """Validate user options against the model family and fill the family defaults."""
+        if confidence_dtype not in CONFIDENCE_DTYPES:
+            raise RequestError(f"unknown confidence_dtype {confidence_dtype!r}; choose one of "
+                               f"{', '.join(CONFIDENCE_DTYPES)}")
         def real(v, ok, message):                          # a finite number for which ok(v) holds
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise RequestError(f"{message}, got {v!r}")
@@ -59,7 +66,8 @@ class DecodeConfig:
             remasking = remasking or "low_confidence"
             if remasking not in LLADA_REMASKING:
                 raise RequestError(f"unknown remasking {remasking!r}; choose one of {', '.join(LLADA_REMASKING)}")
-            return DecodeConfig("llada", remasking=remasking, temperature=float(temperature), threshold=threshold)
+            return DecodeConfig("llada", remasking=remasking, temperature=float(temperature), threshold=threshold,
+                                confidence_dtype=confidence_dtype)
         if remasking is not None:
             raise RequestError(f"--remasking {remasking} is a LLaDA option; Dream chooses tokens with "
                                f"--alg {'|'.join(DREAM_ALGS)}")
@@ -70,7 +78,16 @@ class DecodeConfig:
             raise RequestError("threshold decoding ranks rows by confidence; Dream's 'origin' alg reveals rows at "
                                "random. Use --alg maskgit_plus, topk_margin or entropy with --threshold")
         return DecodeConfig("dream", alg=alg, temperature=float(temperature), top_p=top_p, top_k=top_k,
-                            threshold=threshold)
+                            threshold=threshold, confidence_dtype=confidence_dtype)
+
+    def structure(self) -> "DecodeConfig":
+        """These options with every value that lives in a device tensor (temperature, top-p, top-k,
+        threshold) replaced by a marker of whether it is used: requests with the same structure share
+        one prepared (compiled, captured) set of steps, whatever their values."""
+        return replace(self, temperature=float(self.temperature > 0),
+                       top_p=0.5 if self.top_p is not None and self.top_p < 1 else None,
+                       top_k=1 if self.top_k is not None else None,
+                       threshold=0.5 if self.threshold is not None else None)
 
     @property
     def random_per_row(self) -> bool:      # needs one uniform per candidate row per step
@@ -142,8 +159,9 @@ def commit_counts(dc: DecodeConfig, gen_length: int, block_length: int, steps: i
 
 # ---------------------------------------------------------------- token choice (device, inside a step)
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest prefix of the sorted distribution whose mass exceeds top_p (always the top token)."""
+def _top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
+    """Keep the smallest prefix of the sorted distribution whose mass exceeds top_p (always the top
+    token); top_p a float or a 0-dim tensor."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop_sorted = torch.cat([torch.zeros_like(cum[..., :1], dtype=torch.bool), (cum > top_p)[..., :-1]], dim=-1)
@@ -151,38 +169,53 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
 
 
-def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+def _top_k_filter(logits: torch.Tensor, top_k) -> torch.Tensor:
+    """Keep the logits >= the top_k-th largest; top_k an int or a 0-dim int64 tensor (then the k-th value
+    is read from a full sort by rank, so one static shape serves every k)."""
+    if isinstance(top_k, torch.Tensor):
+        ranked = logits.sort(dim=-1, descending=True).values                       # [B, R, V]
+        k = (top_k.clamp(1, logits.shape[-1]) - 1).expand(*logits.shape[:-1], 1)
+        kth = ranked.gather(-1, k)
+    else:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
-def choose(dc: DecodeConfig, logits: torch.Tensor, noise: torch.Tensor | None, unif: torch.Tensor | None):
-    """logits [B, R, V] fp32 for the candidate rows -> (x0 [B, R] int64, confidence [B, R] fp32,
-    p(x0) [B, R] fp32). The confidence ranks commits (it depends on the alg); p(x0) is the certainty
-    prior d2Cache ranks rows by, whatever the alg.
+def choose(dc: DecodeConfig, logits: torch.Tensor, noise: torch.Tensor | None, unif: torch.Tensor | None,
+           raw: torch.Tensor | None = None, values=None):
+    """logits [B, R, V] fp32 for the candidate rows -> (x0 [B, R] int64, confidence [B, R], p(x0) [B, R]),
+    the last two in the confidence dtype (float64, or raw's dtype for "logits"). The confidence ranks
+    commits (it depends on the alg); p(x0) is the certainty prior d2Cache ranks rows by, whatever the alg.
+    Tokens are chosen from the fp32 logits as before; only the ranking precision follows the option.
 
     noise [B, R, V]: uniforms (LLaDA Gumbel, float64) or Exp(1) draws (Dream sampling), refilled by the
-    caller each step; unif [B, R]: uniforms for LLaDA 'random' remasking."""
+    caller each step; unif [B, R]: uniforms for LLaDA 'random' remasking. raw [B, R, V]: the logits in
+    the model's dtype (default: logits), used when confidence_dtype is "logits". values: the request's
+    (temperature, top_p, top_k) as 0-dim tensors (a StepState's); default: dc's own numbers. dc then only
+    decides which paths exist (its structure)."""
+    temperature, top_p, top_k = values if values is not None else (dc.temperature, dc.top_p, dc.top_k)
+    cdtype = torch.float64 if dc.confidence_dtype == "float64" else (raw if raw is not None else logits).dtype
     if dc.family == "llada":
         if dc.temperature > 0:   # Gumbel-max in float64: argmax exp(l) / (-log u)^T samples softmax(l / T)
-            x0 = (logits.double().exp() / (-noise.log()).pow(dc.temperature)).argmax(-1)
+            x0 = (logits.double().exp() / (-noise.log()).pow(temperature)).argmax(-1)
         else:
             x0 = logits.argmax(-1)
-        p0 = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
-        return x0, (unif if dc.remasking == "random" else p0), p0
+        src = raw if raw is not None and dc.confidence_dtype == "logits" else logits
+        p0 = src.to(cdtype).softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        return x0, (unif.to(cdtype) if dc.remasking == "random" else p0), p0
 
     if dc.temperature > 0:
-        logits = logits / dc.temperature
+        logits = logits / temperature
     if dc.top_p is not None and dc.top_p < 1:
-        logits = _top_p_filter(logits, dc.top_p)
+        logits = _top_p_filter(logits, top_p)
     if dc.top_k is not None:
-        logits = _top_k_filter(logits, dc.top_k)
-    probs = logits.softmax(-1)                                        # [B, R, V]
-    if dc.temperature > 0:   # exponential race: argmax p / E with E ~ Exp(1) is a categorical sample
-        x0 = (probs / noise).argmax(-1)
-        conf = probs.gather(-1, x0[..., None]).squeeze(-1)
-    else:
-        conf, x0 = probs.max(-1)
+        logits = _top_k_filter(logits, top_k)
+    probs = logits.softmax(-1)                                        # [B, R, V] fp32: the sampler's
+    # exponential race: argmax p / E with E ~ Exp(1) is a categorical sample; greedy: the most probable
+    x0 = (probs / noise).argmax(-1) if dc.temperature > 0 else probs.argmax(-1)
+    if cdtype != probs.dtype:
+        probs = logits.to(cdtype).softmax(-1)                         # the same, in the confidence dtype
+    conf = probs.gather(-1, x0[..., None]).squeeze(-1)
     p0 = conf
     if dc.alg == "topk_margin":
         top2 = probs.topk(2, dim=-1).values

@@ -34,7 +34,8 @@ from .steps import with_noise
 
 log = logging.getLogger("dllm")      # progress of long work (loading, preparing); the CLI shows it on stderr
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold")
+DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold", "confidence_dtype")
+PROMPT_GRANULARITY = 64       # default prompt buckets on the compile / CUDA graph backends: multiples of this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -170,12 +171,16 @@ class FifoLock:
 class Engine:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, folder: Path | None = None,
                  device="cpu", dtype=torch.float32, trust_remote_code: bool = False, backend: str | None = None,
-                 buckets=None, policies=None, decoding: dict | None = None, capture_on_demand: bool | None = None):
+                 buckets=None, policies=None, decoding: dict | None = None, capture_on_demand: bool | None = None,
+                 max_prepared: int | None = 32, max_prepared_bytes: int | None = None):
         """backend: eager | compile | cudagraph | compile+cudagraph (default: the fastest on the device).
         buckets: Bucket list prepared (compiled / captured) now, for each policy in `policies` (default
         NoCache) and the `decoding` options (default greedy); `capture_seconds` reports the time.
         capture_on_demand: prepare unseen shapes at request time (default: only when no buckets given);
-        when False, a request that fits no prepared bucket is refused."""
+        when False, a request that fits no prepared bucket is refused.
+        max_prepared / max_prepared_bytes: bound what the engine keeps: beyond either limit the least
+        recently used prepared request (buffers, compiled and captured steps) is released; declared
+        buckets are never evicted (Engine.free releases everything)."""
         self.cfg, self.weights = cfg, weights
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.trust_remote_code = trust_remote_code
@@ -183,7 +188,12 @@ class Engine:
         self.capture_on_demand = buckets is None if capture_on_demand is None else capture_on_demand
         self._tokenizer = None
         self._lock = FifoLock()                        # generate/capture: one at a time, in order
-        self._prepared: dict[tuple, Prepared] = {}    # (shape, decoding, policy key) -> its buffers and steps
+        self._prepared: dict[tuple, Prepared] = {}    # (shape, decoding, policy key) -> its buffers and steps,
+        self._pinned: set[tuple] = set()               # least recently used first; declared buckets' keys
+        for name, v in (("max_prepared", max_prepared), ("max_prepared_bytes", max_prepared_bytes)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise RequestError(f"{name} must be an integer >= 1 or None (no limit), got {v!r}")
+        self.max_prepared, self.max_prepared_bytes = max_prepared, max_prepared_bytes
         self._pool = GraphPool(self.device) if "cudagraph" in self.backend else None
         self.buckets: list[Bucket] = []
         self.capture_seconds = 0.0
@@ -220,7 +230,8 @@ class Engine:
                  cfg.d_model, device, str(dtype).replace("torch.", ""))
         weights = load_weights(folder, cfg, dtype=dtype, device=device)
         nbytes = sum(t.numel() * t.element_size() for t in weights.tensors().values())
-        log.info("loaded %.2f GB of weights in %.1f s", nbytes / 1e9, time.perf_counter() - t0)
+        size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+        log.info("loaded %s of weights in %.1f s", size, time.perf_counter() - t0)
         return cls(cfg, weights, folder=folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                    **engine_options)
 
@@ -314,7 +325,7 @@ class Engine:
 
     def prepared(self, shape: RequestShape, dc: DecodeConfig, policy: Policy) -> Prepared:
         """The prepared request for this shape, decoding options and policy (allocated on first use)."""
-        key = (shape, dc, policy.key(shape))
+        key = (shape, dc.structure(), policy.key(shape))       # one prepared request serves every value
         if key not in self._prepared:
             need, free = request_bytes(self.cfg, shape, dc, policy.uses_cache, self.dtype), available_bytes(self.device)
             if free is not None and need > free:
@@ -322,8 +333,41 @@ class Engine:
                                    f"{shape.gen_length}, block {shape.block_length}, policy {policy.name}) needs about "
                                    f"{need / 2**30:.2f} GiB but {self.device} has {free / 2**30:.2f} GiB available; "
                                    f"use a shorter prompt or response, a smaller batch or block")
+            self._evict(keep=1)
             self._prepared[key] = Prepared.allocate(self.weights, self.cfg, shape, dc, policy, self.device, self.dtype)
+        self._prepared[key] = self._prepared.pop(key)                # most recently used last
+        self._evict()
         return self._prepared[key]
+
+    def _evict(self, keep: int = 0) -> None:
+        """Drop least-recently-used prepared requests (never a declared bucket's) until at most
+        max_prepared - keep remain and they hold at most max_prepared_bytes."""
+        def over() -> bool:
+            if self.max_prepared is not None and len(self._prepared) > self.max_prepared - keep:
+                return True
+            return self.max_prepared_bytes is not None and \
+                sum(p.nbytes for p in self._prepared.values()) > self.max_prepared_bytes
+        for key in [k for k in self._prepared if k not in self._pinned]:
+            if not over():
+                break
+            self._release(self._prepared.pop(key))
+
+    def _release(self, prep: Prepared) -> None:
+        if self._pool is not None:
+            self._pool.release(prep.steps.values())
+        prep.steps.clear()
+
+    def free(self) -> None:
+        """Release every prepared request (buffers, compiled and captured steps), declared buckets included;
+        later requests prepare again as needed."""
+        with self._lock:
+            for prep in self._prepared.values():
+                self._release(prep)
+            self._prepared.clear()
+            self._pinned.clear()
+            self.buckets.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def prepare_steps(self, prep: Prepared, kinds) -> float:
         """Make the given step kinds runnable (compile / capture the missing ones on this engine's
@@ -360,10 +404,21 @@ class Engine:
             raise RequestError(f"unknown decoding options {sorted(unknown)}; use {', '.join(DECODING_OPTIONS)}")
         dc = DecodeConfig.make(self.cfg.family, **decoding)
         with self._lock:
+            self._pinned.add((shape, dc.structure(), policy.key(shape)))
             seconds = self.prepare_steps(self.prepared(shape, dc, policy), policy.kinds)
             if bucket not in self.buckets:
                 self.buckets.append(bucket)
         return seconds
+
+    def _default_bucket(self, longest: int, gen_length: int) -> int:
+        """The prompt bucket of a request that names none: on eager the prompt's own length (nothing to
+        reuse); on the compiling / capturing backends the length rounded up to PROMPT_GRANULARITY, so
+        prompts of similar length share one compiled or captured shape (same tokens in any bucket)."""
+        if self.backend == "eager":
+            return longest
+        rounded = -(-longest // PROMPT_GRANULARITY) * PROMPT_GRANULARITY
+        fits = not self.cfg.max_seq_len or rounded + gen_length <= self.cfg.max_seq_len
+        return rounded if fits else longest
 
     def _check_shape(self, shape: RequestShape) -> None:
         check_shape(shape.gen_length, shape.block_length, shape.steps)
@@ -391,9 +446,10 @@ class Engine:
                 and prompt_bucket in (None, b.prompt)]
         for b in sorted(fits, key=lambda b: b.prompt):
             shape = b.shape()
-            if (shape, dc, policy.key(shape)) in self._prepared or self.capture_on_demand:
+            if (shape, dc.structure(), policy.key(shape)) in self._prepared or self.capture_on_demand:
                 return shape
-        shape = RequestShape(len(prompts), prompt_bucket or longest, gen_length, block, steps)
+        shape = RequestShape(len(prompts), prompt_bucket or self._default_bucket(longest, gen_length), gen_length,
+                             block, steps)
         self._check_shape(shape)
         if not self.capture_on_demand:
             have = ", ".join(f"(prompt<={b.prompt}, gen {b.gen_length}, steps {b.steps}, block "
@@ -409,23 +465,26 @@ class Engine:
                  remasking: str | None = None, alg: str | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0, chat: bool = False,
                  prompt_bucket: int | None = None, policy=None, threshold: float | None = None,
-                 on_step: Callable[[StepEvent], None] | None = None,
+                 confidence_dtype: str = "float64", on_step: Callable[[StepEvent], None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """threshold: commit every masked row of the block whose p(x0) >= threshold (at least one per
         step); the number of steps then depends on the data (steps only has to divide into blocks).
+        confidence_dtype: rank and threshold p(x0) in "float64" (Fast-dLLM) or "logits" (the logits' own
+        dtype, as the official LLaDA sampler and dLLM-Cache).
         on_step: called after every step with a StepEvent; only then is the canvas read back per step.
         progress(launched, planned): called after each step is launched, host-side only (no device read;
         on a GPU the device may still be working on it); planned is the most steps the request can take.
         Safe to call from many threads: requests run one at a time, in arrival order."""
         with self._lock:
             return self._generate(prompt, gen_length, steps, block_length, remasking, alg, temperature, top_p,
-                                  top_k, seed, chat, prompt_bucket, policy, threshold, on_step, progress)
+                                  top_k, seed, chat, prompt_bucket, policy, threshold, confidence_dtype, on_step,
+                                  progress)
 
     def _generate(self, prompt, gen_length, steps, block_length, remasking, alg, temperature, top_p, top_k, seed,
-                  chat, prompt_bucket, policy, threshold, on_step, progress) -> Generation:
+                  chat, prompt_bucket, policy, threshold, confidence_dtype, on_step, progress) -> Generation:
         cfg = self.cfg
         policy = policy or NoCache()
-        dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k, threshold)
+        dc = DecodeConfig.make(cfg.family, remasking, alg, temperature, top_p, top_k, threshold, confidence_dtype)
         prompts = self._prompt_ids(prompt, chat)
         shape = self._pick_shape(prompts, gen_length, steps, block_length, prompt_bucket, dc, policy)
         prep = self.prepared(shape, dc, policy)
@@ -443,6 +502,7 @@ class Engine:
             self._sync()
             t0 = time.perf_counter()
             prep.fill(cfg, prompts, seed)
+            st.with_values(dc)
             if plan is None:
                 kinds = scheduler.run_until_done(policy.kind_at, step_fns, lambda: int(st.block.item()),
                                                  shape.n_blocks, shape.block_length)

@@ -64,7 +64,13 @@ class StepState:
     noise: torch.Tensor | None      # [B, Bl, V] sampling noise (float64 for LLaDA, fp32 for Dream)
     unif: torch.Tensor | None       # [B, Bl] fp32   per-row uniforms (LLaDA random, Dream origin)
     generator: torch.Generator
-    STATIC: ClassVar[tuple[str, ...]] = ("counts", "reveal_prob", "block_pos", "k_range")   # no step writes these
+    # The request's sampling values (0-dim): one prepared request serves every value of its structure.
+    temperature: torch.Tensor       # float64
+    top_p: torch.Tensor             # fp32
+    top_k: torch.Tensor             # int64
+    threshold: torch.Tensor         # float64
+    STATIC: ClassVar[tuple[str, ...]] = ("counts", "reveal_prob", "block_pos", "k_range",   # no step writes these
+                                         "temperature", "top_p", "top_k", "threshold")
 
     @staticmethod
     def allocate(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, device) -> "StepState":
@@ -80,7 +86,7 @@ class StepState:
                                 dtype=torch.float64 if dc.family == "llada" else torch.float32)
         reveal = dream_reveal_probs(spb, dc.eps) * shape.n_blocks if dc.family == "dream" else [0.0] * shape.steps
         return StepState(
-            shape=shape, dc=dc, kmax=kmax,
+            shape=shape, dc=dc.structure(), kmax=kmax,
             tokens=torch.full((B, L), cfg.mask_id, **i64),
             n_pad=torch.zeros(B, **i64),
             key_mask=torch.ones(B, 1, 1, L, dtype=torch.bool, device=device),
@@ -99,7 +105,20 @@ class StepState:
             noise=noise,
             unif=torch.empty(B, Bl, device=device) if dc.random_per_row else None,
             generator=torch.Generator(device=device),
-        )
+            temperature=torch.zeros((), dtype=torch.float64, device=device),
+            top_p=torch.ones((), device=device),
+            top_k=torch.zeros((), **i64),
+            threshold=torch.ones((), dtype=torch.float64, device=device),
+        ).with_values(dc)
+
+    def with_values(self, dc: DecodeConfig) -> "StepState":
+        """Write a request's sampling values into the value tensors (its structure must be this state's)."""
+        assert dc.structure() == self.dc, (dc, self.dc)
+        self.temperature.fill_(dc.temperature)
+        self.top_p.fill_(1.0 if dc.top_p is None else dc.top_p)
+        self.top_k.fill_(0 if dc.top_k is None else dc.top_k)
+        self.threshold.fill_(1.0 if dc.threshold is None else dc.threshold)
+        return self
 
     def fill(self, cfg: ModelConfig, prompts: list[list[int]], seed: int) -> None:
         """Load a request into the buffers in place: left-padded prompts, masked response, step 0."""

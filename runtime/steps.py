@@ -21,9 +21,11 @@ from .decoding import choose
 from .state import Cache, StepState
 
 
-def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor, fresh: torch.Tensor | None = None,
+def commit(cfg: ModelConfig, st: StepState, raw: torch.Tensor, fresh: torch.Tensor | None = None,
            prior: torch.Tensor | None = None) -> None:
-    """logits [B, Bl, V] fp32 for the current block's positions -> commit this step's tokens, step += 1.
+    """raw [B, Bl, V] logits (model dtype) for the current block's positions -> commit this step's
+    tokens, step += 1. Tokens are chosen from the fp32 logits; confidences are ranked and compared with
+    the threshold in st.dc.confidence_dtype (float64 by default, see decoding.choose).
 
     fresh [B, Bl] bool: positions whose logits came from rows recomputed this step; the others rank
     after them (d2Cache decodes what it recomputed). prior [B, Bl]: rank by p(x0) * prior instead of the
@@ -32,8 +34,10 @@ def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor, fresh: torch.T
     # The mask token is never a candidate: committing it would leave a mask behind that the
     # precomputed schedule does not count (the references allow it; on the real checkpoints it never
     # changes an output, docs/ARCHITECTURE.md "Decoding").
-    logits[..., cfg.mask_id] = float("-inf")
-    x0, conf, p0 = choose(st.dc, logits, st.noise, st.unif)           # [B, Bl] each
+    raw[..., cfg.mask_id] = float("-inf")                             # (head output: written in place)
+    logits = raw.float()                                              # [B, Bl, V] fp32
+    x0, conf, p0 = choose(st.dc, logits, st.noise, st.unif, raw,     # [B, Bl] each
+                          (st.temperature, st.top_p, st.top_k))
     cur = st.tokens.index_select(1, pos)                              # [B, Bl]
     is_mask = cur == cfg.mask_id
     x0 = torch.where(is_mask, x0, cur)
@@ -45,7 +49,7 @@ def commit(cfg: ModelConfig, st: StepState, logits: torch.Tensor, fresh: torch.T
     st.conf.copy_(conf)
     st.p0.copy_(p0)
     if st.dc.threshold is not None:   # every row with p(x0) >= threshold, and the best-ranked one
-        take = is_mask & (p0 >= st.dc.threshold)
+        take = is_mask & (p0 >= st.threshold)
         if fresh is not None:
             take = take & fresh
         best = conf.argmax(dim=1, keepdim=True)                       # [B, 1]
@@ -75,8 +79,8 @@ def decodable_rows(cfg: ModelConfig, st: StepState) -> torch.Tensor:
 
 
 def block_logits(w: Weights, cfg: ModelConfig, st: StepState, x: torch.Tensor) -> torch.Tensor:
-    """Final residual stream x [B, L, d] -> fp32 logits [B, Bl, V] of the current block's decodable rows."""
-    return head(w, cfg, x.index_select(1, decodable_rows(cfg, st))).float()
+    """Final residual stream x [B, L, d] -> logits [B, Bl, V] (model dtype) of the current block's decodable rows."""
+    return head(w, cfg, x.index_select(1, decodable_rows(cfg, st)))
 
 
 def full_layer(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, st: StepState, cache: Cache | None,

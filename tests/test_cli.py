@@ -86,7 +86,7 @@ def test_bad_requests(capsys, tiny_dirs, args, needle):
     base = ["--model", tiny_dirs["llada"], "--gen-length", "16", "--steps", "16"]
     rc, out, err = run_cli(capsys, *base, *args)
     assert rc == 2 and out == ""
-    assert needle in err and err.startswith("dllm: error:") and "Traceback" not in err
+    assert needle in err and err.splitlines()[-1].startswith("dllm: error:") and "Traceback" not in err
 
 
 def test_bad_model_folder(capsys, tmp_path):
