@@ -259,9 +259,11 @@ def _generate(a) -> int:
 
 def cmd_export(a) -> int:
     from .engine import Engine
-    from .export import check_out, export
+    from .export import check_cuda_toolkit, check_out, export
     setup_output(quiet=a.quiet)
     check_out(Path(a.out), a.force)           # before minutes of loading: refuse a non-empty --out now
+    if a.device == "cuda" and a.format == "aoti":
+        check_cuda_toolkit()                  # AOTInductor compiles CUDA kernels with nvcc
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, backend="eager")
     info = export(eng, a.out, prompt_bucket=a.prompt_bucket, gen_length=a.gen_length, steps=a.steps,
                   block_length=a.block_length, policy=policy_from_args(a), remasking=a.remasking, alg=a.alg, fmt=a.format,
