@@ -2,8 +2,8 @@
 # install torch 2.13.0 and the project. The pin fixes the version the tests run against, not the build:
 # pip installs whatever torch==2.13.0 wheel its index offers for the platform. On Linux x86_64 PyPI's
 # is the CUDA build (GBs of nvidia-* wheels), which `make gpu-check` needs; this dev machine gets the CPU
-# build from its local wheel folder. CPU-only elsewhere: `python3 -m venv .venv && .venv/bin/pip install
-# torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` first, then make (the pin is then met).
+# build from its local wheel folder. CPU-only elsewhere: create .venv and install torch==2.13.0 from
+# PyTorch's CPU-only wheel index first (see pytorch.org's install page), then make (the pin is then met).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -23,7 +23,9 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	@echo "== make test 1/2: benchmark suite smoke run (perf/, tiny preset, eager) =="
 	$(PY) -m pytest -q perf --presets tiny --backends eager --benchmark-disable
+	@echo "== make test 2/2: test suite (tests/) =="
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -104,7 +104,7 @@ class StepState:
             commit_valid=torch.zeros(B, kmax, dtype=torch.bool, device=device),
             noise=noise,
             unif=torch.empty(B, Bl, device=device) if dc.random_per_row else None,
-            generator=torch.Generator(device=device),
+            generator=torch.Generator() if torch.device(device).type == "meta" else torch.Generator(device=device),
             temperature=torch.zeros((), dtype=torch.float64, device=device),
             top_p=torch.ones((), device=device),
             top_k=torch.zeros((), **i64),
