@@ -25,8 +25,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	@echo "== make test 1/2: benchmark suite smoke run (perf/, tiny preset, eager) =="
 	$(PY) -m pytest -q perf --presets tiny --backends eager --benchmark-disable
-	@echo "== make test 2/2: test suite (tests/) =="
-	$(PY) -m pytest -q tests
+	@echo "== make test 2/2: test suite (tests/, without the slow soak: pytest -m slow tests runs it) =="
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) -m dllm.perf.report
