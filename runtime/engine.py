@@ -82,8 +82,8 @@ class Bucket:
     batch: int = 1
 
     def shape(self) -> RequestShape:
-        return RequestShape(self.batch, self.prompt, self.gen_length, self.block_length or self.gen_length,
-                            self.steps)
+        block = self.gen_length if self.block_length is None else self.block_length   # 0 is refused, not "one block"
+        return RequestShape(self.batch, self.prompt, self.gen_length, block, self.steps)
 
 
 def _is_id(t) -> bool:
@@ -442,7 +442,7 @@ class Engine:
                                f"use a bucket of at least {longest} or shorten the prompt")
         # the smallest prepared bucket that fits, if any
         fits = [b for b in self.buckets if b.batch == len(prompts) and b.gen_length == gen_length
-                and b.steps == steps and (b.block_length or b.gen_length) == block and b.prompt >= longest
+                and b.steps == steps and (b.gen_length if b.block_length is None else b.block_length) == block and b.prompt >= longest
                 and prompt_bucket in (None, b.prompt)]
         for b in sorted(fits, key=lambda b: b.prompt):
             shape = b.shape()
@@ -453,7 +453,7 @@ class Engine:
         self._check_shape(shape)
         if not self.capture_on_demand:
             have = ", ".join(f"(prompt<={b.prompt}, gen {b.gen_length}, steps {b.steps}, block "
-                             f"{b.block_length or b.gen_length}, batch {b.batch})" for b in self.buckets) or "none"
+                             f"{b.gen_length if b.block_length is None else b.block_length}, batch {b.batch})" for b in self.buckets) or "none"
             raise RequestError(
                 f"no prepared bucket fits this request (batch {len(prompts)}, prompt {longest} tokens, gen "
                 f"{gen_length}, steps {steps}, block {block}, policy {policy.name}, {dc}); prepared buckets: "

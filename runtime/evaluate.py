@@ -138,7 +138,7 @@ class EvalConfig:
             raise RequestError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise RequestError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        block = self.block_length or self.gen_length
+        block = self.gen_length if self.block_length is None else self.block_length
         check_shape(self.gen_length, block, self.steps or self.gen_length)
 
     def make_policy(self, name: str | None = None):

@@ -611,7 +611,7 @@ class Service:
     async def stream(self, job: Job, item, reply: Reply):
         """Server-sent events: text as it becomes final, the finish reason, optional usage, [DONE]."""
         r, mask = job.request, self.engine.cfg.mask_id
-        block = r.block_length or r.gen_length
+        block = r.gen_length if r.block_length is None else r.block_length
         cut, sent, final = self.cutter(r.stop), "", 0
         try:
             if reply.chat:

@@ -115,3 +115,8 @@ def test_pool_release_drops_only_the_given_graphs():
     pool.graphs = [("full", a), ("verify", b)]
     pool.release([a.replay])
     assert pool.graphs == [("verify", b)]
+
+
+def test_a_zero_block_length_bucket_is_refused_not_one_block(tiny_dirs):
+    with pytest.raises(RequestError, match="block_length must be an integer >= 1"):
+        Engine.from_pretrained(tiny_dirs["llada"], backend="eager", buckets=[Bucket(12, 8, 8, block_length=0)])
