@@ -221,7 +221,10 @@ def test_ctrl_c_is_one_line_exit_130(tiny_dirs):
     """SIGINT while generating: 'dllm: interrupted' and exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "dllm.runtime.cli", "generate", "--model", str(tiny_dirs["llada"]),
                              "--prompt-ids", "5,6", "--gen-length", "2048", "--steps", "2048", "--backend", "eager"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            # a shell starts background jobs with SIGINT ignored, and Python then keeps it
+                            # ignored: give the child the default disposition a terminal's Ctrl-C meets
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:                      # progress lines: the weights are loaded, generation starts
         if "loaded" in line:
             break
