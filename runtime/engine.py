@@ -336,18 +336,18 @@ class Engine:
             self._evict(keep=1)
             self._prepared[key] = Prepared.allocate(self.weights, self.cfg, shape, dc, policy, self.device, self.dtype)
         self._prepared[key] = self._prepared.pop(key)                # most recently used last
-        self._evict()
+        self._evict(current=key)
         return self._prepared[key]
 
-    def _evict(self, keep: int = 0) -> None:
-        """Drop least-recently-used prepared requests (never a declared bucket's) until at most
-        max_prepared - keep remain and they hold at most max_prepared_bytes."""
+    def _evict(self, keep: int = 0, current: tuple | None = None) -> None:
+        """Drop least-recently-used prepared requests (never a declared bucket's, never the one being
+        served) until at most max_prepared - keep remain and they hold at most max_prepared_bytes."""
         def over() -> bool:
             if self.max_prepared is not None and len(self._prepared) > self.max_prepared - keep:
                 return True
             return self.max_prepared_bytes is not None and \
                 sum(p.nbytes for p in self._prepared.values()) > self.max_prepared_bytes
-        for key in [k for k in self._prepared if k not in self._pinned]:
+        for key in [k for k in self._prepared if k not in self._pinned and k != current]:
             if not over():
                 break
             self._release(self._prepared.pop(key))

@@ -52,7 +52,7 @@ from dllm import graphs
 from dllm.models.checkpoint import Weights, available_bytes
 from dllm.runtime.decoding import DecodeConfig, RequestError, check_shape
 from dllm.runtime.policy import NoCache
-from dllm.runtime.prepared import Prepared, _tensors
+from dllm.runtime.prepared import Prepared, named_tensors
 from dllm.runtime.state import RequestShape
 
 FORMATS = ("torchscript", "aoti")
@@ -91,7 +91,7 @@ def _rebind(obj, prefix: str, tensors: dict):
 def _weight_inputs(weights: Weights) -> dict[str, torch.Tensor]:
     """The weights an AOTI step program takes, each storage once (a tied head is the embedding)."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in _tensors("w", weights).items():
+    for name, t in named_tensors("w", weights).items():
         if not any(t is u for u in out.values()):
             out[name] = t
     return out
@@ -263,7 +263,7 @@ def export(engine, out: str | Path, *, prompt_bucket: int, gen_length: int, step
                 weights = _export_aoti(engine, prep, kinds, tmp, padded, n_pad)
             else:
                 weights = None
-                tensors = {**_tensors("w", engine.weights), **prep.tensors()}
+                tensors = {**named_tensors("w", engine.weights), **prep.tensors()}
                 mod = _step_module(tensors, {"fill": lambda p, n: prep.load(cfg, p, n),
                                              **{k: (lambda b: lambda _dummy: b())(prep.bodies[k]) for k in kinds}})
                 dummy = torch.zeros(1, device=dev)

@@ -15,7 +15,7 @@ from .policy import Policy
 from .state import Cache, RequestShape, StepState
 
 
-def _tensors(prefix: str, obj) -> dict[str, torch.Tensor]:
+def named_tensors(prefix: str, obj) -> dict[str, torch.Tensor]:
     if obj is None:
         return {}
     return {f"{prefix}_{f.name}": getattr(obj, f.name) for f in fields(obj)
@@ -55,7 +55,8 @@ class Prepared:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every state tensor by export name: st_<field>, cache_<field>, scratch_<field>."""
-        return {**_tensors("st", self.state), **_tensors("cache", self.cache), **_tensors("scratch", self.scratch)}
+        return {**named_tensors("st", self.state), **named_tensors("cache", self.cache),
+                **named_tensors("scratch", self.scratch)}
 
     def static_names(self) -> list[str]:
         """Export names of the tensors no step writes (schedules, kernels): set once at load."""

@@ -120,3 +120,11 @@ def test_pool_release_drops_only_the_given_graphs():
 def test_a_zero_block_length_bucket_is_refused_not_one_block(tiny_dirs):
     with pytest.raises(RequestError, match="block_length must be an integer >= 1"):
         Engine.from_pretrained(tiny_dirs["llada"], backend="eager", buckets=[Bucket(12, 8, 8, block_length=0)])
+
+
+def test_a_request_larger_than_the_byte_limit_is_still_served(tiny_dirs, engines):
+    # eviction never drops the prepared request it is serving, even when it alone is over the limit
+    eng = Engine.from_pretrained(tiny_dirs["llada"], backend="eager", max_prepared_bytes=1)
+    for n in (3, 5):
+        assert eng.generate(PROMPT[:n], **KW).tokens == engines["llada"].generate(PROMPT[:n], **KW).tokens
+        assert [k[0].prompt_bucket for k in eng._prepared] == [n]
