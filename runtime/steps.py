@@ -109,11 +109,15 @@ def full_step(w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None =
 
 
 def rows_layer(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, st: StepState, cache: Cache,
-               rows: torch.Tensor, *, with_v: bool = True, store: Callable | None = None,
-               probs_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Recompute the rows [B, S] of layer i against the cache and store their K (and V), attention and
-    FFN deltas at those rows; every other row reuses its cached deltas -> stream [B, L, d].
+               rows: torch.Tensor, at: torch.Tensor | None = None, *, with_v: bool = True,
+               store: Callable | None = None, probs_out: torch.Tensor | None = None):
+    """Recompute the canvas rows [B, S] of layer i against the cache and store their K (and V),
+    attention and FFN deltas at those rows -> the rows' deltas (a [B, S, d], m [B, S, d]).
 
+    x [B, T, d] is the residual stream of the rows the caller tracks (a partial step carries only
+    the rows something reads, never the whole canvas); at [B, S] says where each recomputed row sits
+    in x (None: x holds exactly the rows, in order). The caller advances its stream with
+    `x + a + m` (x holds the rows) or `advance` (tracked rows that were not all recomputed).
     with_v False: the rows' values are already in cache.v (dLLM-Cache projects V for the whole response
     in V-verify). store(xn), if given, runs with the rows' normed inputs xn [B, S, d] before attention
     (dLLM-Cache's prompt refresh writes the prompt rows' V from it). probs_out [B, S, L] receives the
@@ -131,11 +135,30 @@ def rows_layer(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, st: StepSt
         if store is not None:
             store(xn)
         return cache.k[i], cache.v[i]
-    a, m, _, _ = layer_rows(w, cfg, i, x.gather(1, rows_d), st.cos.gather(2, rows_r), st.sin.gather(2, rows_r),
+    xr = x if at is None else x.gather(1, at[..., None].expand(B, S, cfg.d_model))    # [B, S, d]
+    a, m, _, _ = layer_rows(w, cfg, i, xr, st.cos.gather(2, rows_r), st.sin.gather(2, rows_r),
                             st.key_mask, keys, with_v=with_v, probs_out=probs_out)
     cache.a[i].scatter_(1, rows_d, a)
     cache.m[i].scatter_(1, rows_d, m)
-    return x + cache.a[i] + cache.m[i]
+    return a, m
+
+
+def advance(cache: Cache, i: int, x: torch.Tensor, lo: int | None = None,
+            track: torch.Tensor | None = None) -> torch.Tensor:
+    """The tracked stream x [B, T, d] after layer i from the cached deltas (just written for the rows
+    recomputed in this layer): x + A + M at the canvas rows lo..lo+T-1, or at track [B, T]. The adds
+    are the full layer's own (x + a) + m, so every row carries bit-for-bit what a whole-canvas step
+    would give it."""
+    if track is None:
+        T = x.shape[1]
+        return x + cache.a[i, :, lo:lo + T] + cache.m[i, :, lo:lo + T]
+    idx = track[..., None].expand(*track.shape, x.shape[-1])
+    return x + cache.a[i].gather(1, idx) + cache.m[i].gather(1, idx)
+
+
+def embed_rows(w: Weights, st: StepState, rows: torch.Tensor) -> torch.Tensor:
+    """The embeddings of the canvas rows [B, T] -> [B, T, d] (a partial step's starting stream)."""
+    return F.embedding(st.tokens.gather(1, rows), w.embed)
 
 
 def with_noise(st: StepState, run: Callable[[], None]) -> Callable[[], None]:

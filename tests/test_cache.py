@@ -5,7 +5,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllm.runtime import DllmCache, NoCache, RequestError, make_policy
-from dllm.runtime.policy.dllm_cache import cached_forward
+from dllm.runtime.policy.dllm_cache import cached_logits
 from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.steps import block_logits, full_forward, with_noise
@@ -77,8 +77,7 @@ def test_cached_step_on_exact_caches_reproduces_full_logits(engines, family, kin
     for prompt in PROMPTS:
         st, cache, full = _exact_state(eng, prompt)
         with torch.inference_mode():
-            x = cached_forward(eng.weights, eng.cfg, st, cache, kind, budget)
-            got = block_logits(eng.weights, eng.cfg, st, x)
+            got = cached_logits(eng.weights, eng.cfg, st, cache, kind, budget)
         assert full.abs().max() > 1.0
         assert (got - full).abs().max() < 1e-4
 
@@ -89,7 +88,7 @@ def test_stale_caches_do_change_logits(engines):
     st, cache, _ = _exact_state(eng, PROMPTS[0])
     make_steps(eng.weights, eng.cfg, st, cache)["full"]()              # commits a token, caches now one behind
     with torch.inference_mode():
-        reuse = block_logits(eng.weights, eng.cfg, st, cached_forward(eng.weights, eng.cfg, st, cache, "verify", 0))
+        reuse = cached_logits(eng.weights, eng.cfg, st, cache, "verify", 0)
         fresh = block_logits(eng.weights, eng.cfg, st, full_forward(eng.weights, eng.cfg, st))
     assert (reuse - fresh).abs().max() > 1e-3
 

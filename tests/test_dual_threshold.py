@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
 from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.policy.dual_cache import dual_forward
+from dllm.runtime.policy.dual_cache import dual_logits
 from dllm.runtime.steps import block_logits, full_forward, full_step
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -34,7 +34,7 @@ def test_dual_block_step_on_exact_caches_reproduces_full_logits(engines, family)
             for _ in range(3):                                     # commit a few tokens, caches exact
                 full_step(eng.weights, cfg, st, cache)
             full = block_logits(eng.weights, cfg, st, full_forward(eng.weights, cfg, st, cache))
-            got = block_logits(eng.weights, cfg, st, dual_forward(eng.weights, cfg, st, cache))
+            got = dual_logits(eng.weights, cfg, st, cache)
         assert (got - full).abs().max() < 1e-4 and full.abs().max() > 1.0
 
 

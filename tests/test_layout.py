@@ -125,7 +125,8 @@ def every_row_forward(w, cfg, st, cache):
     rows = torch.arange(st.shape.length, device=st.tokens.device).expand(st.shape.batch, -1)
     x = F.embedding(st.tokens, w.embed)
     for i in range(cfg.n_layers):
-        x = rows_layer(w, cfg, i, x, st, cache, rows)
+        a, m = rows_layer(w, cfg, i, x, st, cache, rows)
+        x = x + a + m
     return x
 
 

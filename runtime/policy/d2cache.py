@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from dllm.models.config import ModelConfig
+from dllm.models.layers import head
 
 from ..decoding import RequestError
 from ..state import RequestShape, StepState
-from ..steps import block_logits, commit, decodable_rows, full_layer, rows_layer
+from ..steps import advance, block_logits, commit, decodable_rows, embed_rows, full_layer, rows_layer
 from .base import Policy, check_int
 
 
@@ -184,11 +185,15 @@ def d2_selected(w, cfg: ModelConfig, st: StepState, cache, d2: D2Buffers, attn_p
     """d2Cache's selected step: choose the rows from the last step's outputs, recompute only them in
     every layer (the rest reuse cached K/V and deltas), decode what was recomputed first, roll out."""
     d2_select(cfg, st, d2, attn_p)
-    x = F.embedding(st.tokens, w.embed)
+    S = d2.row_budget
+    dec = decodable_rows(cfg, st).expand(st.shape.batch, -1)         # [B, Bl]
+    track = torch.cat([d2.rows, dec], dim=1)                         # [B, S + Bl]: only these rows are read
+    x = embed_rows(w, st, track)
     for i in range(cfg.n_layers):
-        x = rows_layer(w, cfg, i, x, st, cache, d2.rows, probs_out=d2.attn_rows[i])
+        rows_layer(w, cfg, i, x[:, :S], st, cache, d2.rows, probs_out=d2.attn_rows[i])
+        x = advance(cache, i, x, track=track)
     fresh = row_mask(d2.rows, d2.valid, st.shape.length).index_select(1, decodable_rows(cfg, st))
-    _commit(cfg, st, d2, block_logits(w, cfg, st, x), fresh, quasi_l2r)
+    _commit(cfg, st, d2, head(w, cfg, x[:, S:]), fresh, quasi_l2r)
     rollout_rows(d2)
 
 

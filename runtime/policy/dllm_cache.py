@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dllm.models.layers import rms_norm, values
+from dllm.models.layers import head, rms_norm, values
 
 from ..decoding import RequestError
-from ..steps import block_logits, commit, full_layer, full_step, rows_layer
+from ..steps import advance, block_logits, commit, embed_rows, full_layer, full_step, rows_layer
 from .base import Policy, check_int
 
 
@@ -32,29 +32,66 @@ def v_verify(v_new: torch.Tensor, v_old: torch.Tensor, n_rows: int) -> torch.Ten
     return cos.topk(n_rows, dim=1, largest=False).indices
 
 
-def cached_forward(w, cfg, st, cache, kind: str, n_verify: int) -> torch.Tensor:
-    """The forward of a cached dLLM-Cache step kind (n_verify V-verify rows) -> stream [B, L, d]."""
+def verify_rows(w, cfg, i: int, x: torch.Tensor, cache, P: int, n_verify: int) -> torch.Tensor:
+    """V-verify in layer i: fresh V of every response row (x [B, G, d] their stream) replaces the cached
+    V; returns the indices [B, n_verify] (0-based in the response) of the rows whose V changed most."""
+    v_resp = values(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))            # [B, Hkv, G, hd]
+    idx = v_verify(v_resp, cache.v[i, :, :, P:], n_verify)
+    cache.v[i, :, :, P:].copy_(v_resp)
+    return idx
+
+
+def prompt_refresh_logits(w, cfg, st, cache, n_verify: int) -> torch.Tensor:
+    """The prompt refresh: every row through layer 0; in layers >= 1 the prompt rows and the V-verify
+    rows recomputed, the rest reused; the whole canvas is carried (the prompt rows' stream is read)
+    -> logits [B, Bl, V] of the current block."""
     P = st.shape.prompt_bucket
     x = F.embedding(st.tokens, w.embed)                               # [B, L, d]
     x = full_layer(w, cfg, 0, x, st, cache)                           # layer 0 is always fully recomputed
     for i in range(1, cfg.n_layers):
+        rows = [cache.prompt_rows]
+        if n_verify > 0:
+            rows.append(P + verify_rows(w, cfg, i, x[:, P:], cache, P, n_verify))
+        rows = torch.cat(rows, dim=1)
+        store = (lambda i: lambda xn: cache.v[i, :, :, :P].copy_(values(w, cfg, i, xn[:, :P])))(i)
+        rows_layer(w, cfg, i, x, st, cache, rows, rows, with_v=False, store=store)
+        x = advance(cache, i, x, 0)
+    return block_logits(w, cfg, st, x)
+
+
+def response_logits(w, cfg, st, cache, kind: str, n_verify: int) -> torch.Tensor:
+    """The response refresh and the V-verify step -> logits [B, Bl, V] of the current block.
+
+    Nothing these steps compute reads a prompt row's stream: the prompt's keys and values come from
+    the cache in every layer (layer 0's too: they depend on the prompt tokens alone, so the cached
+    ones are exactly what recomputing them gives). So only the response rows (for Dream also the
+    last prompt row, whose logits decode the first response position) are carried: layer 0
+    recomputes all of them (the reference's rule that layer 0 is always refreshed), the later layers
+    the response (response_refresh) or the V-verify rows, every other tracked row advancing by its
+    cached deltas."""
+    P, L, B = st.shape.prompt_bucket, st.shape.length, st.shape.batch
+    sh = 1 if cfg.shift_logits else 0
+    lo = P - sh                                                       # tracked rows: lo .. L-1
+    track = torch.arange(lo, L, device=st.tokens.device).expand(B, L - lo)   # [B, T]
+    x = embed_rows(w, st, track)                                      # [B, T, d]
+    a, m = rows_layer(w, cfg, 0, x, st, cache, track)
+    x = x + a + m
+    for i in range(1, cfg.n_layers):
         if kind == "response_refresh":
-            cache.v[i, :, :, P:].copy_(values(w, cfg, i, rms_norm(x[:, P:], w.attn_norm[i], cfg.norm_eps)))
-            x = rows_layer(w, cfg, i, x, st, cache, cache.resp_rows, with_v=False)
-            continue
-        rows = [cache.prompt_rows] if kind == "prompt_refresh" else []
-        if n_verify > 0:                                              # V-verify
-            v_resp = values(w, cfg, i, rms_norm(x[:, P:], w.attn_norm[i], cfg.norm_eps))   # [B, Hkv, G, hd]
-            rows.append(P + v_verify(v_resp, cache.v[i, :, :, P:], n_verify))
-            cache.v[i, :, :, P:].copy_(v_resp)
-        if not rows:                                                  # pure reuse
-            x = x + cache.a[i] + cache.m[i]
-            continue
-        store = None
-        if kind == "prompt_refresh":                                  # the prompt rows' V, from their normed inputs
-            store = (lambda i: lambda xn: cache.v[i, :, :, :P].copy_(values(w, cfg, i, xn[:, :P])))(i)
-        x = rows_layer(w, cfg, i, x, st, cache, torch.cat(rows, dim=1), with_v=False, store=store)
-    return x
+            cache.v[i, :, :, P:].copy_(values(w, cfg, i, rms_norm(x[:, sh:], w.attn_norm[i], cfg.norm_eps)))
+            rows_layer(w, cfg, i, x[:, sh:], st, cache, cache.resp_rows, with_v=False)
+        elif n_verify > 0:
+            idx = verify_rows(w, cfg, i, x[:, sh:], cache, P, n_verify)
+            rows_layer(w, cfg, i, x, st, cache, P + idx, sh + idx, with_v=False)
+        x = advance(cache, i, x, lo)                                  # (rho = 0: pure reuse)
+    return head(w, cfg, x.index_select(1, st.current_block() - P))
+
+
+def cached_logits(w, cfg, st, cache, kind: str, n_verify: int) -> torch.Tensor:
+    """The logits [B, Bl, V] of a cached step kind (n_verify V-verify rows per layer)."""
+    if kind == "prompt_refresh":
+        return prompt_refresh_logits(w, cfg, st, cache, n_verify)
+    return response_logits(w, cfg, st, cache, kind, n_verify)
 
 
 @dataclass(frozen=True)
@@ -88,6 +125,5 @@ class DllmCache(Policy):
         n = self.n_verify(st.shape.gen_length)
         out = {"full": lambda: full_step(w, cfg, st, cache)}
         for kind in self.kinds[1:]:
-            out[kind] = (lambda k: lambda: commit(cfg, st, block_logits(w, cfg, st, cached_forward(
-                w, cfg, st, cache, k, n))))(kind)
+            out[kind] = (lambda k: lambda: commit(cfg, st, cached_logits(w, cfg, st, cache, k, n)))(kind)
         return out

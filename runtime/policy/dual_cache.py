@@ -6,21 +6,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..steps import block_logits, commit, full_step, rows_layer
+from dllm.models.layers import head
+
+from ..steps import commit, embed_rows, full_step, rows_layer
 from .base import Policy
 
 
-def dual_forward(w, cfg, st, cache) -> torch.Tensor:
-    """The current block's rows through every layer against the cache -> stream [B, L, d]."""
+def dual_logits(w, cfg, st, cache) -> torch.Tensor:
+    """The current block's rows through every layer against the cache -> logits [B, Bl, V]. Only these
+    rows are carried: nothing reads another row's stream."""
     pos = st.current_block()                                         # [Bl]
     rows = torch.cat([pos[:1] - 1, pos]) if cfg.shift_logits else pos
     rows = rows.expand(st.shape.batch, -1)                           # [B, Bl (+1)]
-    x = F.embedding(st.tokens, w.embed)
+    x = embed_rows(w, st, rows)                                      # [B, Bl (+1), d]
     for i in range(cfg.n_layers):
-        x = rows_layer(w, cfg, i, x, st, cache, rows)
-    return x
+        a, m = rows_layer(w, cfg, i, x, st, cache, rows)
+        x = x + a + m
+    return head(w, cfg, x[:, :pos.shape[0]])                        # Dream: rows pos-1 decode the block
 
 
 @dataclass(frozen=True)
@@ -33,4 +36,4 @@ class DualCache(Policy):
 
     def bodies(self, w, cfg, st, cache, scratch):
         return {"full": lambda: full_step(w, cfg, st, cache),
-                "block": lambda: commit(cfg, st, block_logits(w, cfg, st, dual_forward(w, cfg, st, cache)))}
+                "block": lambda: commit(cfg, st, dual_logits(w, cfg, st, cache))}
