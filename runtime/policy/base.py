@@ -9,12 +9,14 @@ CLI help; the CLI builds --flags from them). It owns:
 - `key(shape)`: what besides the request shape and decoding options tells two prepared step sets apart;
 - `scratch(...)`: its own buffers beyond the shared state and cache (or None), and `reset` to clear
   them when a request is loaded;
-- `bodies(...)`: its zero-argument step bodies by kind, bound to one prepared request's buffers.
+- `bodies(...)`: its zero-argument step bodies by kind, bound to one prepared request's buffers;
+- `work(...)`: how many rows each layer of a step kind recomputes (the FLOP / byte floors in perf/
+  are computed from it, so a policy's cost model lives next to its step bodies).
 The engine, the backends, export and the CLI only talk to this protocol, never to a policy's name.
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
 
 from dllm.models.checkpoint import Weights
@@ -22,6 +24,19 @@ from dllm.models.config import ModelConfig
 
 from ..decoding import DecodeConfig, RequestError
 from ..state import Cache, RequestShape, StepState
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What one layer of a step kind computes, per batch row."""
+    rows: int               # rows through the Q/K projection, attention over all L keys, output projection, FFN
+    v_rows: int             # rows whose value vectors are projected
+    probs: bool = False     # the rows' head-averaged attention probabilities are formed too (d2Cache)
+
+
+def full_work(cfg: ModelConfig, shape: RequestShape, probs: bool = False) -> list[LayerWork]:
+    """Every row through every layer (a full step)."""
+    return [LayerWork(shape.length, shape.length, probs)] * cfg.n_layers
 
 
 class Policy:
@@ -52,6 +67,13 @@ class Policy:
 
     def reset(self, scratch) -> None:
         """Clear the scratch when a new request is loaded."""
+
+    def work(self, cfg: ModelConfig, shape: RequestShape, kmax: int, kind: str) -> list[LayerWork]:
+        """Per layer, what step `kind` recomputes (kmax: the most tokens a step commits). The logits of
+        the current block's rows are computed by every kind."""
+        if kind == "full":
+            return full_work(cfg, shape)
+        raise NotImplementedError(f"{self.name} does not describe the work of its {kind!r} steps")
 
     def bodies(self, w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None,
                scratch) -> dict[str, Callable[[], None]]:

@@ -21,7 +21,7 @@ from dllm.models.layers import head
 from ..decoding import RequestError
 from ..state import RequestShape, StepState
 from ..steps import advance, block_logits, commit, decodable_rows, embed_rows, full_layer, rows_layer
-from .base import Policy, check_int
+from .base import LayerWork, Policy, check_int, full_work
 
 
 @dataclass
@@ -224,6 +224,12 @@ class D2Cache(Policy):
         if dc.family == "dream" and dc.alg == "origin":
             raise RequestError("d2cache needs a fixed commit count per step; Dream's 'origin' alg reveals a "
                                "random number of tokens. Use --alg maskgit_plus, topk_margin or entropy")
+
+    def work(self, cfg, shape, kmax, kind):
+        if kind == "full":
+            return full_work(cfg, shape, probs=True)
+        S = min(self.k, shape.gen_length) + kmax + min(self.attn_budget, shape.length)   # D2Buffers.row_budget
+        return [LayerWork(S, S, probs=True)] * cfg.n_layers
 
     def scratch(self, cfg, shape, st, device) -> D2Buffers:
         return D2Buffers.allocate(cfg, shape, self.k, self.sigma, self.attn_budget, st.kmax, device)

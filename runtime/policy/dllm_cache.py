@@ -19,7 +19,7 @@ from dllm.models.layers import head, rms_norm, values
 
 from ..decoding import RequestError
 from ..steps import advance, block_logits, commit, embed_rows, full_layer, full_step, rows_layer
-from .base import Policy, check_int
+from .base import LayerWork, Policy, check_int
 
 
 def v_verify(v_new: torch.Tensor, v_old: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -120,6 +120,14 @@ class DllmCache(Policy):
 
     def key(self, shape) -> tuple:
         return (self.name, self.n_verify(shape.gen_length))          # kp and kr only change the plan
+
+    def work(self, cfg, shape, kmax, kind):
+        P, G, L, n = shape.prompt_bucket, shape.gen_length, shape.length, self.n_verify(shape.gen_length)
+        T = G + (1 if cfg.shift_logits else 0)                       # rows response_logits carries
+        rest = {"full": LayerWork(L, L), "prompt_refresh": LayerWork(P + n, P + (G if n else 0)),
+                "response_refresh": LayerWork(G, G), "verify": LayerWork(n, G if n else 0)}[kind]
+        first = LayerWork(L, L) if kind in ("full", "prompt_refresh") else LayerWork(T, T)
+        return [first] + [rest] * (cfg.n_layers - 1)
 
     def bodies(self, w, cfg, st, cache, scratch):
         n = self.n_verify(st.shape.gen_length)

@@ -10,7 +10,7 @@ import torch
 from dllm.models.layers import head
 
 from ..steps import commit, embed_rows, full_step, rows_layer
-from .base import Policy
+from .base import LayerWork, Policy, full_work
 
 
 def dual_logits(w, cfg, st, cache) -> torch.Tensor:
@@ -33,6 +33,12 @@ class DualCache(Policy):
 
     def kind_at(self, n: int, i: int) -> str:
         return "full" if i == 0 else "block"
+
+    def work(self, cfg, shape, kmax, kind):
+        if kind == "full":
+            return full_work(cfg, shape)
+        S = shape.block_length + (1 if cfg.shift_logits else 0)
+        return [LayerWork(S, S)] * cfg.n_layers
 
     def bodies(self, w, cfg, st, cache, scratch):
         return {"full": lambda: full_step(w, cfg, st, cache),

@@ -1,0 +1,172 @@
+"""FLOP and byte floors of every step kind, the machine's measured peaks, and how close each kind gets.
+
+    python -m dllm.perf.roofline --preset small --prompt-len 512 --gen-length 128 --block-length 32 [--dtype bfloat16]
+
+The model: a policy says per layer how many rows each step kind recomputes (Policy.work). From that,
+a kind's FLOPs are its matmuls (Q/K/V/output projections, the FFN, attention over all L keys, the
+head over the current block's rows, d2Cache's attention probabilities), and its bytes are what it
+must move at least once: the weights of every layer it touches and the head, the cached keys and
+values it attends over, and the cache rows it writes. Norms, RoPE and other elementwise work are not
+counted (they are O(rows x d), a few percent of the FLOPs). The floor of a kind is the roofline
+max(FLOPs / matmul peak, bytes / bandwidth), with both peaks measured in the same run on the same
+device by a micro-benchmark (the best of a few square matmuls and of the model's own full-step FFN
+matmul in the run's dtype; a large copy). Achieved fraction = floor / measured step time.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dllm.models.config import ModelConfig
+from dllm.runtime.policy.base import LayerWork, Policy
+from dllm.runtime.state import RequestShape
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float            # floating-point operations of one step (a multiply-add counts 2)
+    bytes: float            # bytes one step must move at least once
+
+
+def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
+    """One layer for one batch row: FLOPs of its matmuls and the bytes of its weights and cache."""
+    d, F, qw, kw = cfg.d_model, cfg.mlp_hidden, cfg.q_width, cfg.kv_width
+    r, v = lw.rows, lw.v_rows
+    flops = 2 * r * d * (qw + kw) + 2 * v * d * kw                  # Q, K of the rows; V of the v rows
+    flops += 4 * r * L * qw + (2 * r * L * qw if lw.probs else 0)   # scores and weighted values (+ probabilities)
+    flops += 2 * r * qw * d + 6 * r * d * F                         # output projection, SwiGLU FFN
+    weights = ((qw + kw) * d + qw * d + 3 * d * F if r else 0) + (kw * d if v else 0)
+    cache = (2 * L * kw if r else 0) + 2 * r * kw + v * kw + 2 * r * d   # read K/V; write the rows' K, V, A, M
+    return Cost(flops, (weights + cache) * elt)
+
+
+def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, kind: str,
+              dtype: torch.dtype) -> Cost:
+    """The FLOPs and bytes of one step of `kind` (all batch rows)."""
+    elt = torch.empty(0, dtype=dtype).element_size()
+    L, B, Bl = shape.length, shape.batch, shape.block_length
+    layers = [layer_cost(cfg, L, lw, elt) for lw in policy.work(cfg, shape, kmax, kind)]
+    head_flops, head_bytes = 2 * Bl * cfg.d_model * cfg.vocab_size, cfg.d_model * cfg.vocab_size * elt
+    weight_bytes = sum(c.bytes for c in layers)   # weights are read once per step whatever the batch
+    return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + head_bytes)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    flops: float            # FLOP/s: the best matmul rate measured
+    bandwidth: float        # bytes/s of a large copy (each byte read once and written once)
+    device: str
+    dtype: str
+
+    def floor(self, cost: Cost) -> tuple[float, str]:
+        """(seconds, 'compute' | 'memory'): the roofline floor of a step and what bounds it."""
+        c, m = cost.flops / self.flops, cost.bytes / self.bandwidth
+        return (c, "compute") if c >= m else (m, "memory")
+
+    def describe(self) -> str:
+        return (f"measured peaks on {self.device}: matmul {self.flops / 1e9:.0f} GFLOP/s ({self.dtype}), "
+                f"copy bandwidth {self.bandwidth / 1e9:.1f} GB/s")
+
+
+def seconds(device: torch.device, fn, iters: int) -> float:
+    """Median seconds per call (CPU: each call timed; CUDA: CUDA events around `iters` calls)."""
+    if device.type == "cuda":
+        from .steps import cuda_seconds
+        return cuda_seconds(device, fn, iters)
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_peaks(device, dtype: torch.dtype, cfg: ModelConfig | None = None, rows: int = 640) -> Peaks:
+    """The matmul peak (best of square matmuls and, with cfg, the model's full-step FFN matmul
+    [rows, d] @ [d, 2F]) and the copy bandwidth, measured now on `device` in `dtype`."""
+    device = torch.device(device)
+    big = device.type == "cuda"
+    shapes = [(n, n, n) for n in ((4096, 8192) if big else (1024, 2048))]
+    if cfg is not None:
+        shapes.append((rows, cfg.d_model, 2 * cfg.mlp_hidden))
+    best = 0.0
+    with torch.inference_mode():
+        for m, k, n in shapes:
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(n, k, device=device, dtype=dtype)
+            best = max(best, 2 * m * k * n / seconds(device, lambda: a @ b.t(), 10 if big else 5))
+        src = torch.empty((2 << 30) if big else (512 << 20), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        bw = 2 * src.numel() / seconds(device, lambda: dst.copy_(src), 10 if big else 5)
+    name = torch.cuda.get_device_name(device) if big else "cpu"
+    return Peaks(best, bw, name, str(dtype).replace("torch.", ""))
+
+
+def roofline_rows(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, dtype: torch.dtype,
+                  times: dict[str, float], peaks: Peaks) -> list[dict]:
+    """One row per step kind of `policy` timed in `times` (seconds): its cost, floor and achieved fraction."""
+    rows = []
+    for kind in policy.kinds:
+        if kind not in times:
+            continue
+        cost = kind_cost(cfg, shape, kmax, policy, kind, dtype)
+        floor, bound = peaks.floor(cost)
+        rows.append(dict(policy=policy.name, kind=kind, ms=times[kind] * 1e3, gflop=cost.flops / 1e9,
+                         mb=cost.bytes / 1e6, floor_ms=floor * 1e3, bound=bound, fraction=floor / times[kind]))
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    out = ["| policy | step kind | ms | GFLOP | MB moved | floor ms | bound | of floor |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['policy']} | {r['kind']} | {r['ms']:.2f} | {r['gflop']:.2f} | {r['mb']:.0f} | "
+                   f"{r['floor_ms']:.2f} | {r['bound']} | {r['fraction']:.0%} |")
+    return out
+
+
+def main(argv=None) -> None:
+    from dllm.graphs import available
+    from dllm.runtime import make_policy
+    from dllm.runtime.decoding import DecodeConfig
+
+    from .e2e import DTYPES, preset_engine, random_prompt
+    from .steps import backend_times
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["llada", "dream"], default="llada")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-length", type=int, default=128)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--backend", default="eager", help="one of " + ", ".join(available(torch.device("cpu"))) +
+                    " (CUDA: also cudagraph, compile+cudagraph)")
+    ap.add_argument("--policies", nargs="+", default=["none", "dllm-cache", "d2cache", "dual-cache"])
+    ap.add_argument("--iters", type=int, default=5)
+    a = ap.parse_args(argv)
+    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    eng = preset_engine(a.family, a.preset, device=device, dtype=dtype)
+    cfg = eng.cfg
+    block = a.block_length if cfg.family == "llada" else a.gen_length
+    shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
+    prompt = random_prompt(cfg, a.prompt_len)
+    peaks = measure_peaks(device, dtype, cfg, shape.length)
+    print(f"# {cfg.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
+          f"P={a.prompt_len} G={a.gen_length} block={block} backend={a.backend} threads={torch.get_num_threads()}")
+    print(f"# {peaks.describe()}")
+    rows = []
+    for name in a.policies:
+        policy = make_policy(name)
+        times, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, [a.backend], a.iters)
+        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family), policy).state.kmax
+        rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks)
+    print("\n".join(markdown(rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The FLOP / byte model of perf.roofline against what the step bodies really do."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dllm.perf.roofline import Peaks, kind_cost, layer_cost, markdown, roofline_rows
+from dllm.runtime import POLICIES
+from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.policy.base import LayerWork
+from dllm.runtime.state import RequestShape
+
+FAMILIES = ("llada", "dream")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_counted_flops_equal_the_model(engines, family, name):
+    """Every kind of every policy: the FLOPs torch's counter sees in one step body equal the model's
+    (SDPA on the math kernel, which the counter decomposes into matmuls). d2Cache also multiplies its
+    small row-selection matrices (certainty density, rollout), which the model leaves out: <= 0.2 %.
+    A partial step that did whole-canvas work would count more than its rows."""
+    eng = engines[family]
+    shape = RequestShape(1, 24, 16, 8 if family == "llada" else 16, 16)
+    policy = POLICIES[name]()
+    prep = eng.prepared(shape, DecodeConfig.make(family), policy)
+    with torch.inference_mode():
+        prep.fill(eng.cfg, [list(range(8, 32))], seed=0)
+        for kind in policy.kinds:
+            prep.state.rewind()
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+                prep.bodies[kind]()
+            want = kind_cost(eng.cfg, shape, prep.state.kmax, policy, kind, torch.float32).flops
+            got = fc.get_total_flops()
+            tol = 0.002 if name == "d2cache" else 0.0
+            assert want <= got <= want * (1 + tol), (kind, got, want)
+
+
+def test_partial_kinds_cost_a_fraction_of_the_full_step(engines):
+    """On the benchmark shape (P=512, G=128, block 32) of an 8-layer model the cached kinds do what
+    their row counts say: the V-verify step about a tenth of a full step's FLOPs."""
+    cfg = engines["llada"].cfg
+    shape = RequestShape(1, 512, 128, 32, 128)
+    pol = POLICIES["dllm-cache"]()
+    full = kind_cost(cfg, shape, 1, pol, "full", torch.float32)
+    verify = kind_cost(cfg, shape, 1, pol, "verify", torch.float32)
+    assert verify.flops < full.flops / 4
+    assert verify.bytes < full.bytes                          # fewer weights: no Q/K/O/FFN where no row is recomputed
+    # the byte model is per dtype: bf16 moves half of fp32
+    assert kind_cost(cfg, shape, 1, pol, "verify", torch.bfloat16).bytes * 2 == verify.bytes
+
+
+def test_layer_cost_by_hand(engines):
+    cfg = engines["llada"].cfg                                 # d 64, 4 heads (q width 64), F 160, MHA
+    d, F, qw = cfg.d_model, cfg.mlp_hidden, cfg.q_width
+    c = layer_cost(cfg, 10, LayerWork(rows=2, v_rows=3), 4)
+    assert c.flops == 2 * 2 * d * 2 * qw + 2 * 3 * d * qw + 4 * 2 * 10 * qw + 2 * 2 * qw * d + 6 * 2 * d * F
+    assert layer_cost(cfg, 10, LayerWork(0, 0), 4) == layer_cost(cfg, 10, LayerWork(0, 0), 2)   # nothing to move
+
+
+def test_floor_is_the_roofline_and_the_fraction_floor_over_measured(engines):
+    cfg = engines["llada"].cfg
+    shape = RequestShape(1, 24, 16, 8, 16)
+    pol = POLICIES["dual-cache"]()
+    peaks = Peaks(flops=1e9, bandwidth=1e12, device="test", dtype="float32")   # compute-bound here
+    rows = roofline_rows(cfg, shape, 1, pol, torch.float32, {"full": 0.01, "block": 0.004}, peaks)
+    full = kind_cost(cfg, shape, 1, pol, "full", torch.float32)
+    assert rows[0]["bound"] == "compute" and rows[0]["floor_ms"] == pytest.approx(full.flops / 1e9 * 1e3)
+    assert rows[0]["fraction"] == pytest.approx(full.flops / 1e9 / 0.01)
+    slow_memory = Peaks(flops=1e15, bandwidth=1e6, device="test", dtype="float32")
+    assert slow_memory.floor(full) == (full.bytes / 1e6, "memory")
+    table = markdown(rows)
+    assert table[0].startswith("| policy | step kind") and len(table) == 2 + 2 and "| dual-cache | block |" in table[3]
