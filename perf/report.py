@@ -3,9 +3,10 @@
     python -m dllm.perf.report [--family llada dream] [--preset small] [--update-readme]
 
 Per family, in one run: every policy's end-to-end seconds, tokens/s, speedup over NoCache and token
-agreement with it (perf.e2e); every available backend's per-step latency and its ratio to eager
-(perf.steps); on CUDA also the full step against the weights-only floor and the dLLM-Cache verify step
-against the weights + cache floor (perf.steps.Floor). Prints Markdown;
+agreement with it (perf.e2e), in the default dtype (bfloat16 where the device has it natively) and in
+--compare-dtype; every step kind of every policy under every available backend, its ratio to eager,
+its FLOPs, bytes, roofline floor from the matmul peak and bandwidth measured in the same run, and the
+achieved fraction of that floor (perf.roofline); the same kinds in --compare-dtype. Prints Markdown;
 --update-readme rewrites the README section between the perf.report markers with it.
 """
 from __future__ import annotations
@@ -22,16 +23,19 @@ from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache
 from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.engine import DTYPE_CHOICES, resolve_dtype
 from dllm.runtime.state import RequestShape
 
-from .e2e import policy_rows, preset_engine, random_prompt
-from .steps import KINDS, backend_times, weight_floor
+from .e2e import DTYPES, parse_policy, policy_rows, preset_engine, random_prompt
+from .roofline import measure_peaks, roofline_rows
+from .steps import backend_times, weight_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- perf.report:begin -->", "<!-- perf.report:end -->"
 DEFAULT_POLICIES = ["none", "none:threshold=0.9", "dllm-cache:kp=100,kr=7,rho=0.25",
                     "dllm-cache:kp=50,kr=7,rho=0.25", "d2cache:k=32,attn_budget=32",
                     "d2cache:k=32,attn_budget=32,quasi_l2r=true", "dual-cache", "dual-cache:threshold=0.9"]
+KIND_POLICIES = ["none", "dllm-cache:kp=100,kr=7,rho=0.25", "d2cache:k=32,attn_budget=32", "dual-cache"]
 
 
 def machine() -> str:
@@ -47,37 +51,67 @@ def machine() -> str:
 
 
 def family_section(family: str, a, device: torch.device) -> list[str]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(a.dtype, device)
+    other = None if a.compare_dtype in (None, "none") else DTYPES[a.compare_dtype]
+    other = None if other == dtype else other
+    name, oname = (str(t).replace("torch.", "") if t else None for t in (dtype, other))
+    a.progress(f"{family}: end to end, {name} ...")
     eng = preset_engine(family, a.preset, device=device, dtype=dtype)
-    prompt = random_prompt(eng.cfg, a.prompt_len)
+    cfg = eng.cfg
+    prompt = random_prompt(cfg, a.prompt_len)
     kw = dict(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length)
-    out = [f"**{family}**, preset `{a.preset}` (layers {eng.cfg.n_layers}, d {eng.cfg.d_model}), P={a.prompt_len}, "
-           f"G={a.gen_length}, {a.steps} steps, block {a.block_length}, {str(dtype).replace('torch.', '')}, "
-           f"eager, median of {a.repeats}:", "",
-           "| policy | seconds | tokens/s | speedup vs NoCache | agreement with NoCache | steps |",
-           "|---|---|---|---|---|---|"]
-    for r in policy_rows(eng, prompt, a.policies, a.repeats, **kw):
+    rows = policy_rows(eng, prompt, a.policies, a.repeats, **kw)
+    orows = None
+    if other is not None:
+        a.progress(f"{family}: end to end, {oname} ...")
+        oeng = preset_engine(family, a.preset, device=device, dtype=other)
+        orows = policy_rows(oeng, prompt, a.policies, a.repeats, **kw)
+    out = [f"**{family}**, preset `{a.preset}` (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}), "
+           f"P={a.prompt_len}, G={a.gen_length}, {a.steps} steps, block {a.block_length}, {name}, eager, "
+           f"median of {a.repeats}:", ""]
+    extra = f" {oname} seconds | {oname} speedup vs NoCache | {name} / {oname} |" if orows else ""
+    out += [f"| policy | seconds | tokens/s | speedup vs NoCache | agreement with NoCache | steps |{extra}",
+            "|---|---|---|---|---|---|" + ("---|---|---|" if orows else "")]
+    for i, r in enumerate(rows):
+        cells = (f" {orows[i]['seconds']:.3f} | {orows[i]['speedup']:.2f}× | {orows[i]['seconds'] / r['seconds']:.2f}× |"
+                 if orows else "")
         out.append(f"| {r['policy']} | {r['seconds']:.3f} | {r['tok_s']:.1f} | {r['speedup']:.2f}× | "
-                   f"{r['agree']:.1%} | {r['steps']} |")
+                   f"{r['agree']:.1%} | {r['steps']} |{cells}")
     names = a.backends or available(device)
-    shape = RequestShape(1, a.prompt_len, a.gen_length, a.block_length, a.steps)
-    res, prep = backend_times(eng.cfg, eng.weights, device, dtype, shape, DllmCache(kp=100, kr=7, rho=0.25),
-                              prompt, names, a.iters)
-    out += ["", f"Per-step latency of the dllm-cache step kinds by backend (ms, median of {a.iters}; "
-                f"in brackets: speedup over eager; preparation s: " +
-            ", ".join(f"{n} {prep[n]:.0f}" for n in names) + "):", "",
-            "| step kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for k in KINDS:
-        cells = [f"{res[n][k] * 1e3:.2f}" + ("" if n == "eager" or "eager" not in res else
-                                             f" ({res['eager'][k] / res[n][k]:.2f}×)") for n in names]
-        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    shape = RequestShape(1, a.prompt_len, a.gen_length, a.block_length if cfg.family == "llada" else a.gen_length,
+                         a.steps)
+    a.progress(f"{family}: matmul peak and bandwidth ...")
+    peaks = measure_peaks(device, dtype, cfg, shape.length)
+    table, prep_s = [], {n: 0.0 for n in names}
+    for spec in a.kind_policies:
+        label, policy, _ = parse_policy(spec)
+        a.progress(f"{family}: step kinds of {label} ({', '.join(names)}) ...")
+        res, prep = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, names, a.iters)
+        ores = None
+        if other is not None:
+            ores, _ = backend_times(cfg, oeng.weights, device, other, shape, policy, prompt, ["eager"], a.iters)
+        for n in names:
+            prep_s[n] += prep[n]
+        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family), policy).state.kmax
+        best = {k: min(res[n][k] for n in names) for k in policy.kinds}
+        for r in roofline_rows(cfg, shape, kmax, policy, dtype, best, peaks):
+            k = r["kind"]
+            cells = [f"{res[n][k] * 1e3:.2f}" + ("" if n == "eager" or "eager" not in res else
+                                                 f" ({res['eager'][k] / res[n][k]:.2f}×)") for n in names]
+            if ores:
+                cells += [f"{ores['eager'][k] * 1e3:.2f}", f"{ores['eager'][k] / res['eager'][k]:.2f}×"]
+            table.append(f"| {label} | {k} | " + " | ".join(cells) + f" | {r['gflop']:.2f} | {r['mb']:.0f} | "
+                         f"{r['floor_ms']:.2f} ({r['bound']}) | {r['fraction']:.0%} |")
+    ocols = [f"eager {oname} ms", f"{oname} / {name} (eager)"] if other is not None else []
+    cols = [f"{n} ms" for n in names] + ocols + ["GFLOP", "MB moved", "floor ms", "of floor"]
+    out += ["", f"Per step kind ({name}, median of {a.iters}; in brackets: speedup over eager; preparation s: " +
+            ", ".join(f"{n} {prep_s[n]:.0f}" for n in names) + f"). Floor = max(GFLOP / matmul peak, bytes / "
+            f"bandwidth) with {peaks.describe()} (`perf.roofline`); of floor = floor / the fastest backend's time:",
+            "", "| policy | step kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)] + table
     if device.type == "cuda":
-        cache = eng.prepared(shape, DecodeConfig.make(eng.cfg.family), DllmCache(kp=100, kr=7, rho=0.25)).cache
+        cache = eng.prepared(shape, DecodeConfig.make(cfg.family), DllmCache(kp=100, kr=7, rho=0.25)).cache
         floor = weight_floor(eng.weights, device, cache)
-        out += ["", floor.describe()[0].upper() + floor.describe()[1:] + "; full step / weights-only floor: " +
-                ", ".join(f"{n} {res[n]['full'] / floor.weights_s:.2f}×" for n in names) +
-                "; verify step / weights + cache floor: " +
-                ", ".join(f"{n} {res[n]['verify'] / floor.partial_s:.2f}×" for n in names)]
+        out += ["", floor.describe()[0].upper() + floor.describe()[1:] + "."]
     return out + [""]
 
 
@@ -111,7 +145,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="end to end; the first is the baseline")
+    ap.add_argument("--kind-policies", nargs="+", default=KIND_POLICIES,
+                    help="policies whose step kinds are timed per backend against their FLOP / byte floor")
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                    help="auto: bfloat16 where the device computes it natively, else float32 (as dllm generate)")
+    ap.add_argument("--compare-dtype", choices=[*DTYPES, "none"], default="float32",
+                    help="also time every policy and step kind (eager) in this dtype (skipped when it is --dtype)")
     ap.add_argument("--backends", nargs="*", default=None)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
@@ -119,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--update-readme", action="store_true")
     a = ap.parse_args(argv)
     a.argv = [x for x in argv if x != "--update-readme"]
+    a.progress = lambda msg: print(f"[dllm bench] {msg}", file=sys.stderr, flush=True)
     if a.preset in SHAPE_PRESETS and a.device != "cuda":
         ap.error(f"--preset {a.preset} has real dimensions: run it on a GPU (--device cuda)")
     text = report(a)

@@ -2,7 +2,7 @@
 
     dllm generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--gen-length N (128)] [--steps N (G)]
                   [--block-length N (G)] [--remasking ...] [--alg ...] [--temperature F] [--top-p F] [--top-k N]
-                  [--seed N] [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--chat] [--json | --quiet]
+                  [--seed N] [--dtype auto|float32|bfloat16|float16] [--device cpu|cuda] [--chat] [--json | --quiet]
                   [--threshold F] [--policy none|dllm-cache|d2cache|dual-cache --kp N --kr N --rho F
                    --k N --sigma F --attn-budget N [--attn-p F] [--quasi-l2r]]
                   [--backend eager|compile|cudagraph|compile+cudagraph]
@@ -26,7 +26,7 @@ from dllm.graphs import BACKENDS, BackendError
 from dllm.models.config import CheckpointError
 
 from .decoding import CONFIDENCE_DTYPES, DREAM_ALGS, LLADA_REMASKING, RequestError
-from .engine import DTYPES
+from .engine import DTYPE_CHOICES
 from .policy import POLICIES, make_policy
 
 EXPORT_FORMATS = ("torchscript", "aoti")
@@ -66,7 +66,10 @@ def policy_from_args(a):
 
 def model_args(g) -> None:
     g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="auto",
+                   help="auto (default): bfloat16 where the device computes it natively (a CPU with AVX512-BF16 "
+                        "or AMX, a CUDA GPU since Ampere), else float32; float32 reproduces the reference "
+                        "implementations token for token")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--remasking", choices=LLADA_REMASKING, default=None, help="LLaDA (default low_confidence)")
     g.add_argument("--alg", choices=DREAM_ALGS, default=None, help="Dream (default entropy)")

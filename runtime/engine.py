@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import re
 import threading
 import time
 import warnings
@@ -37,6 +38,31 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold", "confidence_dtype")
 PROMPT_GRANULARITY = 64       # default prompt buckets on the compile / CUDA graph backends: multiples of this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)   # "auto": bfloat16 where the device computes it natively, else float32
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it (Ampere or later), or a
+    CPU with AVX512-BF16 or AMX (Linux: from /proc/cpuinfo's flags)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """A dtype name, "auto" or a torch dtype -> the torch dtype (RequestError for anything else)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise RequestError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
 
 
 @dataclass
@@ -204,22 +230,18 @@ class Engine:
     @classmethod
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
                         **engine_options):
-        """Load a checkpoint folder; engine_options are Engine's (backend, buckets, policies, ...)."""
+        """Load a checkpoint folder; engine_options are Engine's (backend, buckets, policies, ...).
+        dtype: float32 (the default here: exact reference tokens), bfloat16, float16, or "auto" (bfloat16
+        where the device computes it natively, else float32: the command line's default)."""
         if not isinstance(folder, (str, Path)):
             raise RequestError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
         folder = Path(folder)
-        if not isinstance(dtype, (str, torch.dtype)) or (isinstance(dtype, torch.dtype) and dtype not in
-                                                         DTYPES.values()):
-            raise RequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise RequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-            dtype = DTYPES[dtype]
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise RequestError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or a torch.device), got {device!r} "
                                f"({str(e).splitlines()[0]})") from None
+        dtype = resolve_dtype(dtype, device)
         if device.type not in ("cpu", "cuda"):
             raise RequestError(f"device {device} is not supported; use cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():

@@ -60,7 +60,7 @@ from dllm.runtime.decoding import check_shape
 POLICY_OPTIONS = {"none": (), "dllm-cache": ("kp", "kr", "rho"),
                   "d2cache": ("k", "sigma", "attn_budget", "attn_p", "quasi_l2r"), "dual-cache": ()}
 ALL_POLICY_OPTIONS = {o for opts in POLICY_OPTIONS.values() for o in opts}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class EvalConfig:
     """The model arguments. The first group are `dllm generate`'s options with its defaults, except
     gen_length (256 here, the length for requests without max_gen_toks)."""
     model: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     remasking: str | None = None
     alg: str | None = None

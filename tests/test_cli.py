@@ -13,6 +13,8 @@ def run_cli(capsys, *args):
     args = list(map(str, args))
     if "--backend" not in args:       # compile costs seconds per step kind; the contract is backend-agnostic
         args += ["--backend", "eager"]
+    if "--dtype" not in args:         # compared with float32 engines; the default (auto) has its own test
+        args += ["--dtype", "float32"]
     rc = main(["generate", *args])
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -135,3 +137,22 @@ def test_half_precision_flag(capsys, tiny_dirs):
     rc, out, _ = run_cli(capsys, "--model", tiny_dirs["dream"], "--prompt-ids", "5,6", "--gen-length", 8,
                          "--steps", 8, "--dtype", "bfloat16", "--json")
     assert rc == 0 and len(json.loads(out)["tokens"][0]) == 8
+
+
+def test_default_dtype_is_bf16_where_the_cpu_has_it(capsys, tiny_dirs, engines, monkeypatch):
+    """--dtype auto (the default): bfloat16 on a CPU with AVX512-BF16 / AMX, float32 elsewhere; the
+    tokens are those of an engine loaded in that dtype."""
+    import torch
+
+    from dllm.runtime import Engine, engine
+    from dllm.runtime.engine import native_bf16, resolve_dtype
+    want = torch.bfloat16 if native_bf16("cpu") else torch.float32
+    assert resolve_dtype("auto", "cpu") == want and resolve_dtype("float32", "cpu") == torch.float32
+    loaded, load = [], engine.load_weights
+    monkeypatch.setattr(engine, "load_weights", lambda *a, **kw: loaded.append(kw["dtype"]) or load(*a, **kw))
+    rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt-ids", "5,6,7", "--gen-length", "8",
+               "--backend", "eager", "--json"])                        # no --dtype: the default
+    out = capsys.readouterr().out
+    assert rc == 0 and loaded == [want]
+    ref = Engine.from_pretrained(tiny_dirs["llada"], dtype=want).generate([5, 6, 7], gen_length=8, steps=8)
+    assert json.loads(out)["tokens"] == ref.tokens
