@@ -68,13 +68,6 @@ def random_prompt(cfg, n: int, seed: int = 0) -> list[int]:
     return [t for t in torch.randint(8, cfg.vocab_size, (n * 2,), generator=g).tolist() if t not in specials][:n]
 
 
-def measure(eng: Engine, prompt: list[int], policy, repeats: int, **kw):
-    """Median seconds of `repeats` generations after one warm-up, and the last generation."""
-    eng.generate(prompt, policy=policy, **kw)                       # warm-up (allocation, first-touch)
-    runs = [eng.generate(prompt, policy=policy, **kw) for _ in range(repeats)]
-    return statistics.median(r.seconds for r in runs), runs[-1]
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["llada", "dream"], default="llada")
@@ -115,11 +108,19 @@ def main(argv=None) -> None:
 
 def policy_rows(eng: Engine, prompt: list[int], specs: list[str], repeats: int, **kw) -> list[dict]:
     """One row per policy spec, the first being the baseline: median seconds, tokens/s, speedup and
-    token agreement against the baseline, measured in this one run."""
+    token agreement against the baseline, measured in this one run. Every policy is warmed up first,
+    then the timed generations go round the policies `repeats` times (interleaved, so a slow spell of
+    a shared machine hits every policy rather than one)."""
+    parsed = [parse_policy(spec) for spec in specs]
+    for _, policy, extra in parsed:
+        eng.generate(prompt, policy=policy, **kw, **extra)             # warm-up (allocation, first-touch, compile)
+    runs = [[] for _ in parsed]
+    for _ in range(repeats):
+        for j, (_, policy, extra) in enumerate(parsed):
+            runs[j].append(eng.generate(prompt, policy=policy, **kw, **extra))
     rows, base_s, base_tokens = [], None, None
-    for spec in specs:
-        label, policy, extra = parse_policy(spec)
-        sec, out = measure(eng, prompt, policy, repeats, **kw, **extra)
+    for (label, _, _), outs in zip(parsed, runs):
+        sec, out = statistics.median(r.seconds for r in outs), outs[-1]
         toks = out.tokens[0]
         if base_s is None:
             base_s, base_tokens = sec, toks

@@ -4,7 +4,7 @@
 
 For every backend available on the device (eager and compile on CPU; also cudagraph and
 compile+cudagraph on CUDA) it prepares the step kinds of a DllmCache request on shared weights, times
-each kind (median of --iters after warm-up; on CUDA every timed call synchronises) and prints the
+each kind (median of --iters after warm-up, going round the kinds; on CUDA every timed call synchronises) and prints the
 latency, the ratio of each kind to the full step, and each backend's speedup over eager. Preparation
 (compile / capture) is reported, never timed as a step. --weights-on-device builds random weights
 directly on the device (the GPU presets; latency does not depend on weight values).
@@ -29,18 +29,6 @@ from .e2e import preset_engine, random_prompt
 KINDS = ("full", "response_refresh", "verify", "prompt_refresh")   # report order
 
 
-def time_kind(run, st, iters: int, sync) -> float:
-    times = []
-    for _ in range(iters):
-        st.rewind()                          # stay inside the schedule; tokens already committed stay put
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters, dc=None):
     """{backend: {kind: median seconds}} and {backend: preparation seconds} for one request of `policy`
     (every kind it has; warmed up in its capture order, so the full step writes the caches first)."""
@@ -56,7 +44,16 @@ def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, ite
             prepared.fill(cfg, [prompt], seed=0)
             for k in policy.kinds:           # warm-up (the full step first writes every cache)
                 runners[k]()
-            res[name] = {k: time_kind(runners[k], st, iters, sync) for k in policy.kinds}
+            times = {k: [] for k in policy.kinds}
+            for _ in range(iters):           # round the kinds (a slow spell of a shared machine hits all)
+                for k in policy.kinds:
+                    st.rewind()              # stay inside the schedule; committed tokens stay put
+                    sync()
+                    t0 = time.perf_counter()
+                    runners[k]()
+                    sync()
+                    times[k].append(time.perf_counter() - t0)
+            res[name] = {k: statistics.median(v) for k, v in times.items()}
         del eng
     return res, prep
 
