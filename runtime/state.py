@@ -202,7 +202,10 @@ class Cache:
     m: torch.Tensor            # [nL, B, L, d]        FFN-branch delta
     prompt_rows: torch.Tensor  # [B, P] int64  0..P-1
     resp_rows: torch.Tensor    # [B, G] int64  P..L-1
-    STATIC: ClassVar[tuple[str, ...]] = ("prompt_rows", "resp_rows")   # no step writes these
+    layer_ids: torch.Tensor    # [nL] int64      } index tensors of the row writes (put_kv, put_deltas)
+    batch_ids: torch.Tensor    # [B, 1] int64    }
+    head_ids: torch.Tensor     # [Hkv, 1] int64  }
+    STATIC: ClassVar[tuple[str, ...]] = ("prompt_rows", "resp_rows", "layer_ids", "batch_ids", "head_ids")
 
     @staticmethod
     def allocate(cfg: ModelConfig, shape: RequestShape, device, dtype) -> "Cache":
@@ -213,7 +216,28 @@ class Cache:
                      a=torch.zeros(nL, B, L, cfg.d_model, device=device, dtype=dtype),
                      m=torch.zeros(nL, B, L, cfg.d_model, device=device, dtype=dtype),
                      prompt_rows=torch.arange(P, **i64).expand(B, P).contiguous(),
-                     resp_rows=(P + torch.arange(G, **i64)).expand(B, G).contiguous())
+                     resp_rows=(P + torch.arange(G, **i64)).expand(B, G).contiguous(),
+                     layer_ids=torch.arange(nL, **i64), batch_ids=torch.arange(B, **i64)[:, None],
+                     head_ids=torch.arange(cfg.n_kv_heads, **i64)[:, None])
+
+    # Row writes are one index_put_ on the whole buffer. A scatter_ or copy_ into a view of it (one
+    # layer, some rows) is the same in eager, but Inductor turns a write into a view of a graph input
+    # into a copy of the whole buffer (every layer's K, V, A or M) per write; index_put_ it keeps in place.
+
+    def put_kv(self, i: int, rows: torch.Tensor, k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None) -> None:
+        """Layer i's keys and/or values k, v [B, Hkv, S, hd] at the canvas rows [B, S]."""
+        idx = (self.layer_ids[i], self.batch_ids[:, :, None], self.head_ids, rows[:, None, :])   # -> [B, Hkv, S]
+        if k is not None:
+            self.k.index_put_(idx, k)
+        if v is not None:
+            self.v.index_put_(idx, v)
+
+    def put_deltas(self, i: int, rows: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> None:
+        """Layer i's attention and FFN deltas a, m [B, S, d] at the canvas rows [B, S]."""
+        idx = (self.layer_ids[i], self.batch_ids, rows)                                            # -> [B, S]
+        self.a.index_put_(idx, a)
+        self.m.index_put_(idx, m)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"k": self.k, "v": self.v, "a": self.a, "m": self.m}

@@ -123,23 +123,17 @@ def rows_layer(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, st: StepSt
     (dLLM-Cache's prompt refresh writes the prompt rows' V from it). probs_out [B, S, L] receives the
     rows' head-averaged attention probabilities."""
     B, S = rows.shape
-    hd = cfg.head_dim
-    rows_d = rows[..., None].expand(B, S, cfg.d_model)
-    rows_kv = rows[:, None, :, None].expand(B, cfg.n_kv_heads, S, hd)
-    rows_r = rows[:, None, :, None].expand(B, 1, S, hd)
+    rows_r = rows[:, None, :, None].expand(B, 1, S, cfg.head_dim)
 
     def keys(k, v, xn):                                               # write the rows' K/V, attend over all
-        if v is not None:
-            cache.v[i].scatter_(2, rows_kv, v)
-        cache.k[i].scatter_(2, rows_kv, k)
+        cache.put_kv(i, rows, k, v)
         if store is not None:
             store(xn)
         return cache.k[i], cache.v[i]
     xr = x if at is None else x.gather(1, at[..., None].expand(B, S, cfg.d_model))    # [B, S, d]
     a, m, _, _ = layer_rows(w, cfg, i, xr, st.cos.gather(2, rows_r), st.sin.gather(2, rows_r),
                             st.key_mask, keys, with_v=with_v, probs_out=probs_out)
-    cache.a[i].scatter_(1, rows_d, a)
-    cache.m[i].scatter_(1, rows_d, m)
+    cache.put_deltas(i, rows, a, m)
     return a, m
 
 

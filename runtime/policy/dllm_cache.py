@@ -37,7 +37,7 @@ def verify_rows(w, cfg, i: int, x: torch.Tensor, cache, P: int, n_verify: int) -
     V; returns the indices [B, n_verify] (0-based in the response) of the rows whose V changed most."""
     v_resp = values(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))            # [B, Hkv, G, hd]
     idx = v_verify(v_resp, cache.v[i, :, :, P:], n_verify)
-    cache.v[i, :, :, P:].copy_(v_resp)
+    cache.put_kv(i, cache.resp_rows, v=v_resp)
     return idx
 
 
@@ -53,7 +53,7 @@ def prompt_refresh_logits(w, cfg, st, cache, n_verify: int) -> torch.Tensor:
         if n_verify > 0:
             rows.append(P + verify_rows(w, cfg, i, x[:, P:], cache, P, n_verify))
         rows = torch.cat(rows, dim=1)
-        store = (lambda i: lambda xn: cache.v[i, :, :, :P].copy_(values(w, cfg, i, xn[:, :P])))(i)
+        store = (lambda i: lambda xn: cache.put_kv(i, cache.prompt_rows, v=values(w, cfg, i, xn[:, :P])))(i)
         rows_layer(w, cfg, i, x, st, cache, rows, rows, with_v=False, store=store)
         x = advance(cache, i, x, 0)
     return block_logits(w, cfg, st, x)
@@ -78,7 +78,7 @@ def response_logits(w, cfg, st, cache, kind: str, n_verify: int) -> torch.Tensor
     x = x + a + m
     for i in range(1, cfg.n_layers):
         if kind == "response_refresh":
-            cache.v[i, :, :, P:].copy_(values(w, cfg, i, rms_norm(x[:, sh:], w.attn_norm[i], cfg.norm_eps)))
+            cache.put_kv(i, cache.resp_rows, v=values(w, cfg, i, rms_norm(x[:, sh:], w.attn_norm[i], cfg.norm_eps)))
             rows_layer(w, cfg, i, x[:, sh:], st, cache, cache.resp_rows, with_v=False)
         elif n_verify > 0:
             idx = verify_rows(w, cfg, i, x[:, sh:], cache, P, n_verify)
