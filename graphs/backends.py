@@ -7,8 +7,9 @@ scheduler replays them without knowing which backend it drives.
 
 - eager:             the bodies as they are.
 - compile:           torch.compile(fullgraph=True, dynamic=False): one graph per kind, no graph
-                     breaks (a break raises). Faster full steps on CPU, slower partial ones (see
-                     default_backend).
+                     breaks (a break raises). On CPU each kind then keeps whichever of the compiled
+                     step and the eager body ran faster right after compiling (keep_faster), so
+                     compile is never slower than eager on a kind.
 - cudagraph:         each body captured once as a torch.cuda.CUDAGraph (graphs/capture.py).
 - compile+cudagraph: the body compiled by Inductor with mode="max-autotune-no-cudagraphs", captured
                      inside our own CUDAGraph (SGLang's pattern: Inductor kernels, one graph launch,
@@ -16,6 +17,8 @@ scheduler replays them without knowing which backend it drives.
 """
 from __future__ import annotations
 
+import logging
+import statistics
 import time
 from typing import Callable
 
@@ -37,9 +40,8 @@ def available(device: torch.device) -> list[str]:
 def default_backend(device: torch.device) -> str:
     """The fastest backend on the device for cached plans (python -m dllm.perf.steps measures them).
 
-    On CPU that is eager: Inductor speeds up full steps (1.2-1.3x on the small preset) but its fused
-    scatter kernels make partial steps slower (0.8-0.9x), and a cached plan is mostly partial steps;
-    it also costs ~100 s of compilation per shape. On CUDA, one graph launch per step removes the
+    On CPU that is eager: compile is never slower per kind (keep_faster) but costs about a minute of
+    compilation per step kind and shape, which a one-shot generation does not win back. On CUDA, one graph launch per step removes the
     hundreds of kernel launches that dominate a partial step."""
     return "compile+cudagraph" if device.type == "cuda" else "eager"
 
@@ -61,8 +63,32 @@ def _compiled(body: Callable, mode: str | None) -> Callable:
     return run
 
 
+def keep_faster(compiled: dict[str, Callable[[], None]], bodies: dict[str, Callable[[], None]],
+                reset: Callable[[], None], rounds: int = 5) -> tuple[dict[str, Callable[[], None]], dict[str, float]]:
+    """Per kind, the compiled step or the eager body, whichever is faster: the median of `rounds`
+    alternating calls of each (host timing: CPU only). Returns (steps by kind, compiled speedup over
+    eager by kind). Inductor fuses most kinds well; where a kind's fused kernels lose to eager's
+    library calls on this machine, the eager body serves it (same tokens either way)."""
+    steps, speedup = {}, {}
+    for k in compiled:
+        times = {"compiled": [], "eager": []}
+        for _ in range(rounds):
+            for variant, fn in (("compiled", compiled[k]), ("eager", bodies[k])):
+                reset()
+                t0 = time.perf_counter()
+                fn()
+                times[variant].append(time.perf_counter() - t0)
+        speedup[k] = statistics.median(times["eager"]) / statistics.median(times["compiled"])
+        steps[k] = compiled[k] if speedup[k] >= 1.0 else bodies[k]
+    slower = [f"{k} ({speedup[k]:.2f}x)" for k in compiled if speedup[k] < 1.0]
+    if slower:
+        logging.getLogger("dllm").info("compile: eager is faster for %s; those kinds run eager", ", ".join(slower))
+    return steps, speedup
+
+
 def prepare(name: str, bodies: dict[str, Callable[[], None]], reset: Callable[[], None],
-            pool: GraphPool | None = None) -> tuple[dict[str, Callable[[], None]], float]:
+            pool: GraphPool | None = None, keep_faster_on_cpu: bool = False
+            ) -> tuple[dict[str, Callable[[], None]], float]:
     """Compile / capture the bodies for a backend; returns (runnable steps by kind, seconds spent).
 
     `bodies` is in capture order (the policy's: largest graph first, so later, smaller graphs reuse
@@ -83,6 +109,8 @@ def prepare(name: str, bodies: dict[str, Callable[[], None]], reset: Callable[[]
             for k in kinds:                   # first call compiles
                 reset()
                 fns[k]()
+            if name == "compile" and keep_faster_on_cpu:
+                fns, _ = keep_faster(fns, bodies, reset)
     if name in ("cudagraph", "compile+cudagraph"):
         if pool is None:
             raise BackendError(f"backend {name} needs the engine's graph pool")

@@ -198,7 +198,7 @@ class Engine:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, folder: Path | None = None,
                  device="cpu", dtype=torch.float32, trust_remote_code: bool = False, backend: str | None = None,
                  buckets=None, policies=None, decoding: dict | None = None, capture_on_demand: bool | None = None,
-                 max_prepared: int | None = 32, max_prepared_bytes: int | None = None):
+                 max_prepared: int | None = 32, max_prepared_bytes: int | None = None, keep_faster: bool = True):
         """backend: eager | compile | cudagraph | compile+cudagraph (default: the fastest on the device).
         buckets: Bucket list prepared (compiled / captured) now, for each policy in `policies` (default
         NoCache) and the `decoding` options (default greedy); `capture_seconds` reports the time.
@@ -206,8 +206,11 @@ class Engine:
         when False, a request that fits no prepared bucket is refused.
         max_prepared / max_prepared_bytes: bound what the engine keeps: beyond either limit the least
         recently used prepared request (buffers, compiled and captured steps) is released; declared
-        buckets are never evicted (Engine.free releases everything)."""
+        buckets are never evicted (Engine.free releases everything).
+        keep_faster: on CPU, each compiled step kind keeps whichever of the compiled step and the eager
+        body ran faster right after compiling (graphs.backends.keep_faster); False always runs compiled."""
         self.cfg, self.weights = cfg, weights
+        self.keep_faster = keep_faster
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.trust_remote_code = trust_remote_code
         self.backend = backends.check(backend or backends.default_backend(self.device), self.device)
@@ -409,7 +412,8 @@ class Engine:
                      ", ".join(missing), self.backend, s.batch, s.prompt_bucket, s.gen_length, s.steps,
                      prep.policy.name)
         with torch.inference_mode():
-            new, seconds = backends.prepare(self.backend, {k: prep.bodies[k] for k in missing}, reset, self._pool)
+            new, seconds = backends.prepare(self.backend, {k: prep.bodies[k] for k in missing}, reset, self._pool,
+                                            keep_faster_on_cpu=self.keep_faster and self.device.type == "cpu")
         if self.backend != "eager":
             log.info("prepared %s in %.1f s", ", ".join(missing), seconds)
         prep.steps.update(new)

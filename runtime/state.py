@@ -233,6 +233,14 @@ class Cache:
         if v is not None:
             self.v.index_put_(idx, v)
 
+    def put_layer(self, i: int, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> None:
+        """All of layer i: k, v [B, Hkv, L, hd], a, m [B, L, d] (a full step)."""
+        idx = (self.layer_ids[i],)
+        self.k.index_put_(idx, k)
+        self.v.index_put_(idx, v)
+        self.a.index_put_(idx, a)
+        self.m.index_put_(idx, m)
+
     def put_deltas(self, i: int, rows: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> None:
         """Layer i's attention and FFN deltas a, m [B, S, d] at the canvas rows [B, S]."""
         idx = (self.layer_ids[i], self.batch_ids, rows)                                            # -> [B, S]

@@ -88,10 +88,7 @@ def full_layer(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, st: StepSt
     """Every row through layer i, writing the layer's cache if there is one -> stream [B, L, d]."""
     a, m, k, v = block(w, cfg, i, x, st.cos, st.sin, st.key_mask, probs_out)
     if cache is not None:
-        cache.k[i].copy_(k)
-        cache.v[i].copy_(v)
-        cache.a[i].copy_(a)
-        cache.m[i].copy_(m)
+        cache.put_layer(i, k, v, a, m)
     return x + a + m
 
 

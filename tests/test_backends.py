@@ -26,7 +26,7 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
     # One prompt bucket (12) for every prompt, so each step kind compiles once. Tolerance on the last
     # step's confidences 1e-5: Inductor fuses and reorders fp32 reductions (softmax of O(1) logits).
     eager = engines[family]
-    comp = Engine.from_pretrained(tiny_dirs[family], backend="compile")
+    comp = Engine.from_pretrained(tiny_dirs[family], backend="compile", keep_faster=False)   # compiled code only
     dc = DecodeConfig.make(family)
     for policy in POLICIES:
         kinds = set()
@@ -40,6 +40,35 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
                                  1e-5)
         assert kinds == ({"full"} if policy is POLICIES[0] else
                          {"full", "verify", "response_refresh", "prompt_refresh"})
+
+
+def test_keep_faster_keeps_whichever_variant_ran_faster():
+    import time
+    calls = []
+
+    def timed(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+    compiled = {"full": timed("full compiled", 0.002), "partial": timed("partial compiled", 0.02)}
+    eager = {"full": timed("full eager", 0.02), "partial": timed("partial eager", 0.002)}
+    resets = []
+    steps, speedup = backends.keep_faster(compiled, eager, lambda: resets.append(1), rounds=3)
+    assert steps["full"] is compiled["full"] and steps["partial"] is eager["partial"]
+    assert speedup["full"] > 2 and speedup["partial"] < 0.5
+    assert len(resets) == len(calls) == 12                 # every timed call starts from a reset state
+
+
+def test_cpu_compile_is_never_slower_than_eager_per_kind(tiny_dirs):
+    """On CPU the compile backend serves each kind with the faster variant, measured at prepare time."""
+    eng = Engine.from_pretrained(tiny_dirs["llada"], backend="compile")
+    policy = DllmCache(kp=5, kr=3, rho=0.25)
+    prep = eng.prepared(RequestShape(1, 12, 16, 8, 16), DecodeConfig.make("llada"), policy)
+    eng.prepare_steps(prep, policy.kinds)
+    assert set(prep.steps) == set(policy.kinds)
+    for k in policy.kinds:          # either the eager body itself or the compiled wrapper
+        assert prep.steps[k] is prep.bodies[k] or prep.steps[k].__qualname__.startswith("_compiled")
 
 
 def test_compile_refuses_a_graph_break():
