@@ -32,6 +32,8 @@ class Preset:
     vocab_size: int
 
 
+# tiny: overhead-bound (tests, launch-cost measurements); small: the CPU benchmark model, with a
+# realistic 32k vocabulary so the head and the embedding weigh what they do in real models.
 PRESETS = {
     "tiny": Preset(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden=160, vocab_size=128),
     "small": Preset(n_layers=8, d_model=512, n_heads=8, n_kv_heads=2, mlp_hidden=1408, vocab_size=32000),
