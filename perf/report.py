@@ -78,8 +78,7 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
         out.append(f"| {r['policy']} | {r['seconds']:.3f} | {r['tok_s']:.1f} | {r['speedup']:.2f}× | "
                    f"{r['agree']:.1%} | {r['steps']} |{cells}")
     names = a.backends or available(device)
-    shape = RequestShape(1, a.prompt_len, a.gen_length, a.block_length if cfg.family == "llada" else a.gen_length,
-                         a.steps)
+    shape = RequestShape(1, a.prompt_len, a.gen_length, a.block_length, a.steps)   # the end-to-end shape
     a.progress(f"{family}: matmul peak and bandwidth ...")
     peaks = measure_peaks(device, dtype, cfg, shape.length)
     table, prep_s = [], {n: 0.0 for n in names}
