@@ -41,8 +41,8 @@ def default_backend(device: torch.device) -> str:
     """The fastest backend on the device for cached plans (python -m dllm.perf.steps measures them).
 
     On CPU that is eager: compile is never slower per kind (keep_faster) but costs about a minute of
-    compilation per step kind and shape, which a one-shot generation does not win back. On CUDA, one graph launch per step removes the
-    hundreds of kernel launches that dominate a partial step."""
+    compilation per step kind and shape, which a one-shot generation does not win back. On CUDA, one
+    graph launch per step removes the hundreds of kernel launches that dominate a partial step."""
     return "compile+cudagraph" if device.type == "cuda" else "eager"
 
 

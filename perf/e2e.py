@@ -21,6 +21,7 @@ import torch
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from dllm.runtime import Engine
 from dllm.runtime import make_policy
+from dllm.runtime.engine import DTYPES
 
 
 def parse_policy(spec: str):
@@ -49,7 +50,6 @@ def preset_engine(family: str, preset: str, *, device="cpu", dtype=torch.float32
                                       device=device, dtype=dtype, backend=backend)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def preset_dtype(preset: str, device, dtype: str | None) -> torch.dtype:

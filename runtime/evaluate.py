@@ -56,11 +56,11 @@ from dllm.models.config import CheckpointError, ModelConfig, load_config
 from dllm.models.layers import forward
 from dllm.runtime import DecodeConfig, Engine, NoCache, RequestError, make_policy
 from dllm.runtime.decoding import check_shape
+from dllm.runtime.engine import DTYPE_CHOICES
 
 POLICY_OPTIONS = {"none": (), "dllm-cache": ("kp", "kr", "rho"),
                   "d2cache": ("k", "sigma", "attn_budget", "attn_p", "quasi_l2r"), "dual-cache": ()}
 ALL_POLICY_OPTIONS = {o for opts in POLICY_OPTIONS.values() for o in opts}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,8 @@ class EvalConfig:
                 raise RequestError(f"model argument {name} must be >= 1, got {getattr(self, name)}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise RequestError(f"unknown device {self.device!r}; choose cpu or cuda")
-        if self.dtype not in DTYPES:
-            raise RequestError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise RequestError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise RequestError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         block = self.gen_length if self.block_length is None else self.block_length

@@ -48,11 +48,16 @@ class D2Buffers:
         return self.rows.shape[1]
 
     @staticmethod
+    def budget(shape: RequestShape, k: int, attn_budget: int, kmax: int) -> tuple[int, int, int]:
+        """(s1, s2, S): stage-1 and stage-2 rows (capped by the response / canvas) and the row budget."""
+        s1, s2 = min(k, shape.gen_length), min(attn_budget, shape.length)
+        return s1, s2, s1 + kmax + s2
+
+    @staticmethod
     def allocate(cfg: ModelConfig, shape: RequestShape, k: int, sigma: float, attn_budget: int, kmax: int,
                  device) -> "D2Buffers":
         nL, B, L, G = cfg.n_layers, shape.batch, shape.length, shape.gen_length
-        s1, s2 = min(k, G), min(attn_budget, L)
-        S = s1 + kmax + s2
+        s1, s2, S = D2Buffers.budget(shape, k, attn_budget, kmax)
         i = torch.arange(G, dtype=torch.float64)
         gauss = lambda d: torch.exp(-d.pow(2) / (2 * sigma ** 2))            # noqa: E731
         ext = torch.arange(G, dtype=torch.float64)
@@ -186,13 +191,13 @@ def d2_selected(w, cfg: ModelConfig, st: StepState, cache, d2: D2Buffers, attn_p
     every layer (the rest reuse cached K/V and deltas), decode what was recomputed first, roll out."""
     d2_select(cfg, st, d2, attn_p)
     S = d2.row_budget
-    dec = decodable_rows(cfg, st).expand(st.shape.batch, -1)         # [B, Bl]
-    track = torch.cat([d2.rows, dec], dim=1)                         # [B, S + Bl]: only these rows are read
+    dec = decodable_rows(cfg, st)                                    # [Bl]
+    track = torch.cat([d2.rows, dec.expand(st.shape.batch, -1)], dim=1)   # [B, S + Bl]: only these rows are read
     x = embed_rows(w, st, track)
     for i in range(cfg.n_layers):
         rows_layer(w, cfg, i, x[:, :S], st, cache, d2.rows, probs_out=d2.attn_rows[i])
         x = advance(cache, i, x, track=track)
-    fresh = row_mask(d2.rows, d2.valid, st.shape.length).index_select(1, decodable_rows(cfg, st))
+    fresh = row_mask(d2.rows, d2.valid, st.shape.length).index_select(1, dec)
     _commit(cfg, st, d2, head(w, cfg, x[:, S:]), fresh, quasi_l2r)
     rollout_rows(d2)
 
@@ -228,7 +233,7 @@ class D2Cache(Policy):
     def work(self, cfg, shape, kmax, kind):
         if kind == "full":
             return full_work(cfg, shape, probs=True)
-        S = min(self.k, shape.gen_length) + kmax + min(self.attn_budget, shape.length)   # D2Buffers.row_budget
+        S = D2Buffers.budget(shape, self.k, self.attn_budget, kmax)[2]
         return [LayerWork(S, S, probs=True)] * cfg.n_layers
 
     def scratch(self, cfg, shape, st, device) -> D2Buffers:
