@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	@echo "== make test 1/2: benchmark suite smoke run (perf/, tiny preset, eager) =="
+	@echo "== make test 1/3: lint (ruff: pyproject.toml [tool.ruff]) =="
+	$(PY) -m ruff check .
+	@echo "== make test 2/3: benchmark suite smoke run (perf/, tiny preset, eager) =="
 	$(PY) -m pytest -q perf --presets tiny --backends eager --benchmark-disable
-	@echo "== make test 2/2: test suite (tests/, without the slow soak: pytest -m slow tests runs it) =="
+	@echo "== make test 3/3: test suite (tests/, without the slow soak: pytest -m slow tests runs it) =="
 	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) -m dllm.perf.report

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import torch
 from safetensors import safe_open
 
 from .config import CheckpointError, ModelConfig, load_config
+from .family import FAMILIES
+from .memory import check_fits
 
 
 @dataclass
@@ -36,44 +37,7 @@ class Weights:
 
 def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None, slice | None, tuple[int, ...]]]:
     """Checkpoint tensor name -> (Weights field, layer or None, row slice in the fused tensor, expected shape)."""
-    d, q, kv, F, V = cfg.d_model, cfg.q_width, cfg.kv_width, cfg.mlp_hidden, cfg.vocab_size
-    qs, ks, vs = slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
-    gs, us = slice(0, F), slice(F, 2 * F)
-    out: dict = {}
-    if cfg.family == "llada":
-        p = "model.transformer."
-        out[p + "wte.weight"] = ("embed", None, None, (V, d))
-        out[p + "ln_f.weight"] = ("final_norm", None, None, (d,))
-        if not cfg.tied_head:
-            out[p + "ff_out.weight"] = ("head", None, None, (V, d))
-        for i in range(cfg.n_layers):
-            b = f"{p}blocks.{i}."
-            out[b + "attn_norm.weight"] = ("attn_norm", i, None, (d,))
-            out[b + "ff_norm.weight"] = ("ffn_norm", i, None, (d,))
-            out[b + "q_proj.weight"] = ("wqkv", i, qs, (q, d))
-            out[b + "k_proj.weight"] = ("wqkv", i, ks, (kv, d))
-            out[b + "v_proj.weight"] = ("wqkv", i, vs, (kv, d))
-            out[b + "attn_out.weight"] = ("wo", i, None, (d, q))
-            out[b + "ff_proj.weight"] = ("w_gate_up", i, gs, (F, d))   # gate: SiLU is applied to it
-            out[b + "up_proj.weight"] = ("w_gate_up", i, us, (F, d))
-            out[b + "ff_out.weight"] = ("w_down", i, None, (d, F))
-    else:
-        out["model.embed_tokens.weight"] = ("embed", None, None, (V, d))
-        out["model.norm.weight"] = ("final_norm", None, None, (d,))
-        if not cfg.tied_head:
-            out["lm_head.weight"] = ("head", None, None, (V, d))
-        for i in range(cfg.n_layers):
-            b = f"model.layers.{i}."
-            out[b + "input_layernorm.weight"] = ("attn_norm", i, None, (d,))
-            out[b + "post_attention_layernorm.weight"] = ("ffn_norm", i, None, (d,))
-            for name, sl, width in [("q", qs, q), ("k", ks, kv), ("v", vs, kv)]:
-                out[b + f"self_attn.{name}_proj.weight"] = ("wqkv", i, sl, (width, d))
-                out[b + f"self_attn.{name}_proj.bias"] = ("bqkv", i, sl, (width,))
-            out[b + "self_attn.o_proj.weight"] = ("wo", i, None, (d, q))
-            out[b + "mlp.gate_proj.weight"] = ("w_gate_up", i, gs, (F, d))
-            out[b + "mlp.up_proj.weight"] = ("w_gate_up", i, us, (F, d))
-            out[b + "mlp.down_proj.weight"] = ("w_down", i, None, (d, F))
-    return out
+    return FAMILIES[cfg.family].tensor_names(cfg)
 
 
 def _shard_map(folder: Path) -> dict[str, Path]:
@@ -104,34 +68,6 @@ def _shard_map(folder: Path) -> dict[str, Path]:
 
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")    # safetensors dtype names a weight may be stored as
-
-
-def available_bytes(device) -> int | None:
-    """Memory a new allocation can still get on `device` (None: unknown). CPU: MemAvailable from
-    /proc/meminfo (else free pages); CUDA: the driver's free memory."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits(nbytes: int, device, what: str) -> None:
-    """Refuse (CheckpointError) an allocation of nbytes that the device cannot hold."""
-    free = available_bytes(device)
-    if free is not None and nbytes > free:
-        raise CheckpointError(f"{what} needs {nbytes / 2**30:.2f} GiB but {torch.device(device)} has "
-                              f"{free / 2**30:.2f} GiB available")
 
 
 def _check_headers(expected: dict, where: dict[str, Path], handles: dict) -> None:

@@ -10,19 +10,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .family import FAMILIES, Family
+
 
 class CheckpointError(ValueError):
     """A checkpoint folder, config or tensor file that cannot be used; the message says how to fix it."""
 
 
-# Fallback ids when config.json does not carry them: the released checkpoints' (docs/ARCHITECTURE.md, "Checkpoints").
-_LLADA_IDS = dict(mask_id=126336, eos_id=126081, pad_id=126081, bos_id=126080, eot_id=126348)
-_DREAM_IDS = dict(mask_id=151666, eos_id=151643, pad_id=151643, bos_id=151665, eot_id=151645)
-
-
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str            # "llada" | "dream"
+    family: str            # a key of models.family.FAMILIES: "llada" | "dream"
     d_model: int
     n_layers: int
     n_heads: int
@@ -113,27 +110,24 @@ def raw_missing(raw: dict, key: str) -> bool:
     return raw.get(key) is None or raw.get(key) == []
 
 
-def _ids(f: _Fields, fallback: dict, vocab: int | None) -> dict:
+def _ids(f: _Fields, family: type[Family], vocab: int | None) -> dict:
+    fallback = family.ids
     out = dict(fallback)
     for ours, theirs in [("mask_id", "mask_token_id"), ("eos_id", "eos_token_id"),
                          ("pad_id", "pad_token_id"), ("bos_id", "bos_token_id")]:
         out[ours] = f.token_id(theirs, fallback[ours], vocab)
     for ours, theirs in [("mask_id", "mask_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")]:
         if raw_missing(f.raw, theirs) and vocab and not 0 <= out[ours] < vocab:   # a fallback the vocab lacks
-            f.problems.append(f"{ours} {out[ours]} (the {fallback is _LLADA_IDS and 'LLaDA' or 'Dream'} "
-                              f"default) is outside the vocabulary [0, {vocab}); set it in config.json")
+            f.problems.append(f"{ours} {out[ours]} (the {family.label} default) is outside the vocabulary "
+                              f"[0, {vocab}); set it in config.json")
     return out
 
 
-def family_of(raw: dict) -> str | None:
+def family_of(raw: dict) -> type[Family] | None:
     mt = str(raw.get("model_type", "")).lower()
     archs = raw.get("architectures") or []
     arch = " ".join(a for a in archs if isinstance(a, str)).lower() if isinstance(archs, list) else ""
-    if mt == "llada" or "llada" in arch:
-        return "llada"
-    if mt == "dream" or "dream" in arch:
-        return "dream"
-    return None
+    return next((fam for fam in FAMILIES.values() if fam.matches(mt, arch)), None)
 
 
 def _shape_problems(d: int, n_heads: int, n_kv: int) -> list[str]:
@@ -154,42 +148,19 @@ def parse_config(raw, path: Path = Path("config.json")) -> ModelConfig:
         raise CheckpointError(f"{path}: must be a JSON object of model settings, got {type(raw).__name__}; "
                               f"point --model at a LLaDA or Dream checkpoint folder")
     fam = family_of(raw)
+    if fam is None:
+        raise CheckpointError(
+            f"{path}: model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')!r} is neither "
+            f"{' nor '.join(f'{x.label} (model_type {x.name!r})' for x in FAMILIES.values())}; point --model at a "
+            f"LLaDA or Dream checkpoint folder")
     f = _Fields(raw, path)
-    if fam == "llada":
-        d, n_heads = f.int("d_model"), f.int("n_heads")
-        n_kv = f.int("n_kv_heads", n_heads)
-        ratio = f.number("mlp_ratio", 4.0)
-        mlp = f.int("mlp_hidden_size", int(ratio * d) if d else None)
-        vocab = f.int("embedding_size", required=False) or f.int("vocab_size")
-        n_layers = f.int("n_layers")
-        if f.flag("include_bias") or f.flag("include_qkv_bias"):
-            f.problems.append("LLaDA with biases (include_bias/include_qkv_bias) is not supported; the released "
-                              "checkpoints have none")
-        f.problems += _shape_problems(d, n_heads, n_kv)
-        ids = _ids(f, _LLADA_IDS, vocab)
-        rope, eps, tied = f.number("rope_theta", 10000.0), f.number("rms_norm_eps", 1e-5), f.flag("weight_tying")
-        max_len = f.int("max_sequence_length", required=False)
-        f.done()
-        return ModelConfig(
-            family="llada", d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=d // n_heads,
-            mlp_hidden=mlp, vocab_size=vocab, rope_theta=rope, norm_eps=eps, qkv_bias=False, tied_head=tied,
-            shift_logits=False, rope_fp32=True, max_seq_len=max_len, **ids)
-    if fam == "dream":
-        d, n_heads = f.int("hidden_size"), f.int("num_attention_heads")
-        n_kv = f.int("num_key_value_heads", n_heads)
-        n_layers, mlp, vocab = f.int("num_hidden_layers"), f.int("intermediate_size"), f.int("vocab_size")
-        f.problems += _shape_problems(d, n_heads, n_kv)
-        ids = _ids(f, _DREAM_IDS, vocab)
-        rope, eps = f.number("rope_theta", 10000.0), f.number("rms_norm_eps", 1e-6)
-        tied, max_len = f.flag("tie_word_embeddings"), f.int("max_position_embeddings", required=False)
-        f.done()
-        return ModelConfig(
-            family="dream", d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=d // n_heads,
-            mlp_hidden=mlp, vocab_size=vocab, rope_theta=rope, norm_eps=eps, qkv_bias=True, tied_head=tied,
-            shift_logits=True, rope_fp32=False, max_seq_len=max_len, **ids)
-    raise CheckpointError(
-        f"{path}: model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')!r} is neither "
-        f"LLaDA (model_type 'llada') nor Dream (model_type 'Dream'); point --model at a LLaDA or Dream checkpoint folder")
+    v = fam.fields(f)
+    d, n_heads, n_kv = v["d_model"], v["n_heads"], v["n_kv_heads"]
+    f.problems += _shape_problems(d, n_heads, n_kv)
+    ids = _ids(f, fam, v["vocab_size"])
+    f.done()
+    return ModelConfig(family=fam.name, head_dim=d // n_heads, qkv_bias=fam.qkv_bias, shift_logits=fam.shift_logits,
+                       rope_fp32=fam.rope_fp32, **v, **ids)
 
 
 def load_config(folder: str | Path) -> ModelConfig:

@@ -1,8 +1,8 @@
 """The network as plain functions: RMSNorm, rotate-half RoPE, bidirectional attention, SwiGLU.
 
 Knows nothing about caching. The one layer primitive is `layer_rows`: a subset of rows through one
-layer, attending over keys and values the caller supplies; `block` is the same primitive over every
-row. The runtime (runtime/steps.py) only decides which rows go through it and where the results are
+layer, attending over keys and values the caller supplies (by default the rows' own: every row is a
+full layer). The runtime (runtime/steps.py) only decides which rows go through it and where the results are
 stored (docs/ARCHITECTURE.md). Shapes: B batch, S rows computed, L canvas length, H / Hkv query /
 key-value heads, hd head dim, d model width, F FFN width, V vocab.
 """
@@ -136,16 +136,6 @@ def layer_rows(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos: torch
     return a, m, k, v
 
 
-def block(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos, sin, key_mask,
-          probs_out: torch.Tensor | None = None):
-    """One full layer over all rows of x [B, L, d]: layer_rows with every row.
-
-    Returns (attention delta [B, L, d], FFN delta [B, L, d], k [B, Hkv, L, hd] post-RoPE, v);
-    the layer output is x + a + m. probs_out [B, L, L], if given, receives the head-averaged
-    attention probabilities."""
-    return layer_rows(w, cfg, i, x, cos, sin, key_mask, probs_out=probs_out)
-
-
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """h [B, R, d] final residual rows -> logits [B, R, V] in the model dtype."""
     return rms_norm(h, w.final_norm, cfg.norm_eps) @ w.head.t()
@@ -171,6 +161,6 @@ def forward(w: Weights, cfg: ModelConfig, tokens: torch.Tensor, n_pad: torch.Ten
     cos, sin = rope_tables(positions, cfg)
     x = w.embed[tokens]
     for i in range(cfg.n_layers):
-        a, m, _, _ = block(w, cfg, i, x, cos, sin, key_mask)
+        a, m, _, _ = layer_rows(w, cfg, i, x, cos, sin, key_mask)
         x = x + a + m
     return head(w, cfg, x)

@@ -38,7 +38,8 @@ PRESETS = {
     "tiny": Preset(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden=160, vocab_size=128),
     "small": Preset(n_layers=8, d_model=512, n_heads=8, n_kv_heads=2, mlp_hidden=1408, vocab_size=32000),
 }
-# Real dimensions (docs/ARCHITECTURE.md, "Checkpoints") for GPU latency: weights are generated on the device, never written.
+# Real dimensions (docs/ARCHITECTURE.md, "Checkpoints") for GPU latency: weights are generated on the device,
+# never written.
 SHAPE_PRESETS = {
     "llada-8b-shape": Preset(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden=12288,
                              vocab_size=126464),

@@ -4,9 +4,10 @@
 
 Tasks (character level, each needs the prompt): `reverse 48213` -> `31284`, `sort 3141` -> `1134`.
 (Three-digit addition was tried too: after 12 minutes on 2 cores it scored 0 % held-out exact match,
-so it is left out; `make_example` still generates it for anyone with a bigger budget.) Training follows LLaDA's SFT objective: the prompt is never masked; every
-response token (answer then <|endoftext|> up to the response length) is masked with probability
-t ~ U(0, 1) drawn per sequence, and the loss is the cross-entropy on masked tokens weighted by 1/t.
+so it is left out; `make_example` still generates it for anyone with a bigger budget.) Training follows
+LLaDA's SFT objective: the prompt is never masked; every response token (answer then <|endoftext|> up to
+the response length) is masked with probability t ~ U(0, 1) drawn per sequence, and the loss is the
+cross-entropy on masked tokens weighted by 1/t.
 The model is trained through the runtime's own forward (models.layers.forward, left padding and
 positions from the first real token), saved in the real LLaDA on-disk format with a character
 tokenizer, and loads with the real loader. Seeded; the held-out evaluation set is disjoint from

@@ -1,8 +1,8 @@
-"""C++ (graphs/cpp/dllm_run) vs Python per-step latency on the same request, one run, one machine.
+"""C++ (apps/export/cpp/dllm_run) vs Python per-step latency on the same request, one run, one machine.
 
     python -m dllm.perf.cpp --preset small --prompt-len 128 --gen-length 64 --steps 64 --block-length 32
 
-Exports the preset for each policy and format, builds the runner, and times: the C++ runner on the
+Exports the preset for each policy and format, builds the runner (apps/export/cpp), and times: the C++ runner on the
 package (median ms/step over --repeat runs, measured inside the runner), and in the same run the Python
 engine (eager) on the same request, and the same package driven from Python. Prints the ratios.
 --device cuda exports CUDA packages (TorchScript; the runner replays them without CUDA graphs) and
@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from dllm.runtime import export as ex
+from dllm.apps import export as ex
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
+from dllm.runtime.options import parse_spec
 
-from .e2e import DTYPES, parse_policy, preset_dtype, preset_engine, random_prompt
+from .e2e import DTYPES, preset_dtype, preset_engine, random_prompt
 
 
 def main(argv=None) -> None:
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
         print(f"{'policy':<34} {'format':<12} {'C++ ms/step':>12} {'Py pkg':>9} {'Py eager':>9} {'eager/C++':>10} "
               f"{'export s':>9} {'same tokens':>12}")
         for spec in a.policies:
-            label, policy, _ = parse_policy(spec)
+            label, policy = spec, parse_spec(spec)["policy"]
             eng.generate(prompt, policy=policy, **shape)                      # warm-up
             runs = [eng.generate(prompt, policy=policy, **shape) for _ in range(a.repeat)]
             eager_ms = statistics.median(r.seconds for r in runs) / a.steps * 1e3

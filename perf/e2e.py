@@ -17,23 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from dllm.runtime import Engine
-from dllm.runtime import make_policy
-from dllm.runtime.engine import DTYPES
-
-
-def parse_policy(spec: str):
-    """'none' or 'name:key=val,key=val' -> (label, policy object, generate kwargs); the key
-    'threshold' is a decoding option (threshold decoding), every other key a policy parameter."""
-    name, _, rest = spec.partition(":")
-    params = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        params[k] = True if v == "true" else float(v) if "." in v else int(v)
-    extra = {"threshold": params.pop("threshold")} if "threshold" in params else {}
-    return spec, make_policy(name, **params), extra
+from dllm.runtime.device import DTYPES
+from dllm.runtime.options import parse_spec
 
 
 def preset_engine(family: str, preset: str, *, device="cpu", dtype=torch.float32, backend="eager") -> Engine:
@@ -77,8 +64,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=None)
     ap.add_argument("--policies", nargs="+", default=["none"],
-                    help="first is the baseline; e.g. none dllm-cache:kp=100,kr=7,rho=0.25 "
-                         "d2cache:k=32,attn_budget=32 dual-cache:threshold=0.9")
+                    help="first is the baseline; POLICY[:key=value,...], the keys any of the policy's or the "
+                         "request's options, e.g. none dllm-cache:kp=100,kr=7,rho=0.25 d2cache:k=32,attn_budget=32 "
+                         "dual-cache:threshold=0.9")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="eager", help="eager | compile | cudagraph | compile+cudagraph")
     ap.add_argument("--device", default="cpu")
@@ -98,7 +86,8 @@ def main(argv=None) -> None:
     dev = "cpu" if eng.device.type == "cpu" else torch.cuda.get_device_name()
     print(f"# {a.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
           f"P={a.prompt_len} G={a.gen_length} steps={a.steps} block={kw['block_length']} "
-          f"device={dev} dtype={str(dtype).replace('torch.', '')} backend={eng.backend} threads={torch.get_num_threads()} repeats={a.repeats} (median)")
+          f"device={dev} dtype={str(dtype).replace('torch.', '')} backend={eng.backend} "
+          f"threads={torch.get_num_threads()} repeats={a.repeats} (median)")
     print(f"{'policy':<44} {'seconds':>9} {'tok/s':>9} {'speedup':>8} {'agree':>7} {'steps':>6}  step kinds")
     for r in policy_rows(eng, prompt, a.policies, a.repeats, **kw):
         kinds = " ".join(f"{k}={n}" for k, n in r["step_kinds"].items())
@@ -111,15 +100,15 @@ def policy_rows(eng: Engine, prompt: list[int], specs: list[str], repeats: int, 
     token agreement against the baseline, measured in this one run. Every policy is warmed up first,
     then the timed generations go round the policies `repeats` times (interleaved, so a slow spell of
     a shared machine hits every policy rather than one)."""
-    parsed = [parse_policy(spec) for spec in specs]
-    for _, policy, extra in parsed:
-        eng.generate(prompt, policy=policy, **kw, **extra)             # warm-up (allocation, first-touch, compile)
+    parsed = [{**kw, **parse_spec(spec)} for spec in specs]       # a spec's own options win over the shape's
+    for options in parsed:
+        eng.generate(prompt, **options)                              # warm-up (allocation, first-touch, compile)
     runs = [[] for _ in parsed]
     for _ in range(repeats):
-        for j, (_, policy, extra) in enumerate(parsed):
-            runs[j].append(eng.generate(prompt, policy=policy, **kw, **extra))
+        for j, options in enumerate(parsed):
+            runs[j].append(eng.generate(prompt, **options))
     rows, base_s, base_tokens = [], None, None
-    for (label, _, _), outs in zip(parsed, runs):
+    for label, outs in zip(specs, runs):
         sec, out = statistics.median(r.seconds for r in outs), outs[-1]
         toks = out.tokens[0]
         if base_s is None:

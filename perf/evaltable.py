@@ -4,7 +4,7 @@
                                   [--include-path perf/eval_tasks] [--limit N] [--backend eager] [--batch-size 240]
     python -m dllm.perf.evaltable --write-data     # regenerate perf/eval_tasks/arith/held_out.jsonl
 
-Runs each configuration of perf.quality.CONFIGS as the `dllm` lm-eval model (dllm.runtime.evaluate) on
+Runs each configuration of perf.quality.CONFIGS as the `dllm` lm-eval model (dllm.apps.evaluate) on
 the in-repo task (the trained model's held-out prompts) with lm_eval.simple_evaluate, and prints one
 markdown table: configuration, accuracy (the task's first metric), tokens/s (generated tokens up to the
 first end-of-text over the wall time of the generation calls), forwards per token (steps x batch rows
@@ -56,8 +56,7 @@ def task_manager(include_path: str, tasks: list[str]):
 def evaluate_config(engine: Engine, options: dict, tasks: list[str], tm, limit: int | None, batch_size: int) -> dict:
     """{task: (metric name, accuracy, Efficiency)} of one configuration through lm_eval.simple_evaluate."""
     import lm_eval
-
-    from dllm.runtime.evaluate import DllmLM
+    from dllm.apps.evaluate import DllmLM
     lm = DllmLM(engine=engine, gen_length=GEN, steps=GEN, batch_size=batch_size, report=False, **options)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, bootstrap_iters=0,
                                   log_samples=False)

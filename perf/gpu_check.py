@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from dllm.models.tiny import SHAPE_PRESETS, random_weights
 from dllm.runtime import POLICIES, Engine
 from dllm.runtime.decoding import DecodeConfig
@@ -123,7 +122,7 @@ def step_flops(body) -> int:
 
 def kernels_and_flops(out: Report, eng: Engine, prompt) -> dict:
     """Per policy and kind: SDPA kernels, efficient-only check, counted FLOPs (one eager call each)."""
-    dc, flops = DecodeConfig.make(eng.cfg.family), {}
+    dc, flops = DecodeConfig.make(eng.cfg.family).structure, {}
     out("| policy | kind | SDPA kernels | efficient kernels only | GFLOP |", "|---|---|---|---|---|")
     for name, cls in POLICIES.items():
         prep = eng.prepared(SHAPE, dc, cls())
@@ -143,7 +142,8 @@ def latency_tables(out: Report, eng: Engine, prompt, names, iters: int, flops: d
                    deadline: float | None = None) -> None:
     """Every step kind of every policy on the given backends: ms, capture/compile s, against the floors."""
     cfg = eng.cfg
-    out("| policy | kind | backend | ms | prepare s | / weight floor | / compute floor |", "|---|---|---|---|---|---|---|")
+    out("| policy | kind | backend | ms | prepare s | / weight floor | / compute floor |",
+        "|---|---|---|---|---|---|---|")
     for name, cls in POLICIES.items():
         for backend in names:
             if deadline is not None and time.perf_counter() > deadline:
@@ -170,7 +170,8 @@ def e2e_table(out: Report, eng: Engine, prompt) -> None:
               prompt_bucket=SHAPE.prompt_bucket)
     out(f"End to end on `{eng.backend}` (P={SHAPE.prompt_bucket}, G={SHAPE.gen_length}, {SHAPE.steps} steps, block "
         f"{SHAPE.block_length}, greedy, median of 1 after a warm-up; capture not timed):", "",
-        "| policy | seconds | tokens/s | speedup vs NoCache | agreement with NoCache | steps |", "|---|---|---|---|---|---|")
+        "| policy | seconds | tokens/s | speedup vs NoCache | agreement with NoCache | steps |",
+        "|---|---|---|---|---|---|")
     for r in policy_rows(eng, prompt, E2E_POLICIES, 1, **kw):
         out(f"| {r['policy']} | {r['seconds']:.3f} | {r['tok_s']:.1f} | {r['speedup']:.2f}× | {r['agree']:.1%} "
             f"| {r['steps']} |")
@@ -186,7 +187,7 @@ def family_section(out: Report, family: str, peak_flops: float, iters: int) -> N
     torch.cuda.reset_peak_memory_stats()
     eng = family_engine(family)
     prompt = random_prompt(eng.cfg, SHAPE.prompt_bucket)
-    cache = eng.prepared(SHAPE, DecodeConfig.make(family), POLICIES["dual-cache"]()).cache
+    cache = eng.prepared(SHAPE, DecodeConfig.make(family).structure, POLICIES["dual-cache"]()).cache
     floor = weight_floor(eng.weights, eng.device, cache)
     out(f"## {family}: `{PRESET[family]}`, bf16, P={SHAPE.prompt_bucket}, G={SHAPE.gen_length}, block "
         f"{SHAPE.block_length}", "", floor.describe() + f"; compute peak {peak_flops / 1e12:.0f} TFLOP/s "
@@ -225,10 +226,10 @@ def record_baseline(out: Report, name: str, force: bool, timeout_s: int) -> None
 def compile_section(out: Report, family: str, peak_flops: float, iters: int, deadline: float) -> None:
     eng = family_engine(family)
     prompt = random_prompt(eng.cfg, SHAPE.prompt_bucket)
-    cache = eng.prepared(SHAPE, DecodeConfig.make(family), POLICIES["dual-cache"]()).cache
+    cache = eng.prepared(SHAPE, DecodeConfig.make(family).structure, POLICIES["dual-cache"]()).cache
     floor = weight_floor(eng.weights, eng.device, cache)
     flops = {}
-    dc = DecodeConfig.make(family)
+    dc = DecodeConfig.make(family).structure
     for name, cls in POLICIES.items():                  # FLOPs again (cheap), for the compute floor column
         prep = eng.prepared(SHAPE, dc, cls())
         with torch.inference_mode():

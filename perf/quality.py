@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dllm.models.train_tiny import GEN, held_out
-from dllm.runtime import Engine, make_policy
+from dllm.runtime import Engine, NoCache
+from dllm.runtime.options import request_options
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "trained" / "arith-llada"
-POLICY_KEYS = ("kp", "kr", "rho", "k", "sigma", "attn_budget", "attn_p", "quasi_l2r")
 CONFIGS = [  # (label, options as `dllm generate` / `dllm eval` model arguments, dashes as underscores)
     ("none", {}),
     ("none, threshold 0.9", {"threshold": 0.9}),
@@ -44,9 +44,9 @@ CONFIGS = [  # (label, options as `dllm generate` / `dllm eval` model arguments,
 
 
 def configuration(options: dict):
-    """(policy, generate options) of one CONFIGS entry."""
-    policy = make_policy(options.get("policy", "none"), **{k: v for k, v in options.items() if k in POLICY_KEYS})
-    return policy, {k: v for k, v in options.items() if k not in POLICY_KEYS and k != "policy"}
+    """(policy, generate options) of one CONFIGS entry (through the one option parser)."""
+    opts = request_options(options)
+    return opts.pop("policy", NoCache()), opts
 
 
 def answer(eng: Engine, ids: list[int]) -> str:

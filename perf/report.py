@@ -18,15 +18,15 @@ import re
 from pathlib import Path
 
 import torch
-
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.engine import DTYPE_CHOICES, resolve_dtype
+from dllm.runtime.device import DTYPE_CHOICES, resolve_dtype
+from dllm.runtime.options import parse_spec
 from dllm.runtime.state import RequestShape
 
-from .e2e import DTYPES, parse_policy, policy_rows, preset_engine, random_prompt
+from .e2e import DTYPES, policy_rows, preset_engine, random_prompt
 from .roofline import measure_peaks, roofline_rows
 from .steps import backend_times, weight_floor
 
@@ -73,8 +73,8 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
     out += [f"| policy | seconds | tokens/s | speedup vs NoCache | agreement with NoCache | steps |{extra}",
             "|---|---|---|---|---|---|" + ("---|---|---|" if orows else "")]
     for i, r in enumerate(rows):
-        cells = (f" {orows[i]['seconds']:.3f} | {orows[i]['speedup']:.2f}× | {orows[i]['seconds'] / r['seconds']:.2f}× |"
-                 if orows else "")
+        o = orows[i] if orows else None
+        cells = f" {o['seconds']:.3f} | {o['speedup']:.2f}× | {o['seconds'] / r['seconds']:.2f}× |" if o else ""
         out.append(f"| {r['policy']} | {r['seconds']:.3f} | {r['tok_s']:.1f} | {r['speedup']:.2f}× | "
                    f"{r['agree']:.1%} | {r['steps']} |{cells}")
     names = a.backends or available(device)
@@ -83,7 +83,7 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
     peaks = measure_peaks(device, dtype, cfg, shape.length)
     table, prep_s = [], {n: 0.0 for n in names}
     for spec in a.kind_policies:
-        label, policy, _ = parse_policy(spec)
+        label, policy = spec, parse_spec(spec)["policy"]
         a.progress(f"{family}: step kinds of {label} ({', '.join(names)}) ...")
         res, prep = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, names, a.iters)
         ores = None
@@ -91,7 +91,7 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
             ores, _ = backend_times(cfg, oeng.weights, device, other, shape, policy, prompt, ["eager"], a.iters)
         for n in names:
             prep_s[n] += prep[n]
-        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family), policy).state.kmax
+        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).state.kmax
         best = {k: min(res[n][k] for n in names) for k in policy.kinds}
         for r in roofline_rows(cfg, shape, kmax, policy, dtype, best, peaks):
             k = r["kind"]
@@ -108,7 +108,7 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
             f"bandwidth) with {peaks.describe()} (`perf.roofline`); of floor = floor / the fastest backend's time:",
             "", "| policy | step kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)] + table
     if device.type == "cuda":
-        cache = eng.prepared(shape, DecodeConfig.make(cfg.family), DllmCache(kp=100, kr=7, rho=0.25)).cache
+        cache = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, DllmCache(kp=100, kr=7, rho=0.25)).cache
         floor = weight_floor(eng.weights, device, cache)
         out += ["", floor.describe()[0].upper() + floor.describe()[1:] + "."]
     return out + [""]

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from dllm.models.config import ModelConfig
 from dllm.runtime.policy.base import LayerWork, Policy
 from dllm.runtime.state import RequestShape
@@ -122,7 +121,8 @@ def roofline_rows(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Poli
 
 
 def markdown(rows: list[dict]) -> list[str]:
-    out = ["| policy | step kind | ms | GFLOP | MB moved | floor ms | bound | of floor |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| policy | step kind | ms | GFLOP | MB moved | floor ms | bound | of floor |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['policy']} | {r['kind']} | {r['ms']:.2f} | {r['gflop']:.2f} | {r['mb']:.0f} | "
                    f"{r['floor_ms']:.2f} | {r['bound']} | {r['fraction']:.0%} |")
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     for name in a.policies:
         policy = make_policy(name)
         times, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, [a.backend], a.iters)
-        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family), policy).state.kmax
+        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).state.kmax
         rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks)
     print("\n".join(markdown(rows)))
 

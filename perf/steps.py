@@ -17,12 +17,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache, Engine
-from dllm.runtime.state import RequestShape
 from dllm.runtime.decoding import DecodeConfig
+from dllm.runtime.state import RequestShape
 
 from .e2e import preset_engine, random_prompt
 
@@ -32,7 +31,7 @@ KINDS = ("full", "response_refresh", "verify", "prompt_refresh")   # report orde
 def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters, dc=None):
     """{backend: {kind: median seconds}} and {backend: preparation seconds} for one request of `policy`
     (every kind it has; warmed up in its capture order, so the full step writes the caches first)."""
-    dc = dc or DecodeConfig.make(cfg.family)
+    dc = dc or DecodeConfig.make(cfg.family).structure
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     res, prep = {}, {}
     for name in names:
@@ -137,7 +136,8 @@ def main(argv=None) -> None:
     print("preparation (compile / capture) seconds: " + ", ".join(f"{n} {prep[n]:.1f}" for n in names))
     if device.type == "cuda":
         eng = Engine(cfg, weights, device=device, dtype=dtype, backend="eager")
-        floor = weight_floor(weights, device, eng.prepared(shape, DecodeConfig.make(cfg.family), policy).cache)
+        cache = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).cache
+        floor = weight_floor(weights, device, cache)
         print(floor.describe())
         print("full step / weights-only floor: " + ", ".join(f"{n} {res[n]['full'] / floor.weights_s:.2f}x"
                                                             for n in names))

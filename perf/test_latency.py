@@ -4,7 +4,6 @@ Preparation (allocation, compile, CUDA-graph capture) and warm-up happen before 
 timed call ends with a synchronize, so the numbers are device time plus launch overhead.
 """
 import torch
-
 from dllm.runtime.decoding import DecodeConfig
 
 from .conftest import POLICIES
@@ -18,7 +17,7 @@ def _sync():
 def test_step(benchmark, models, engines, rounds, step_case):
     preset, policy_name, backend, kind = step_case
     m, eng, policy = models(preset), engines(preset, backend), POLICIES[policy_name]
-    dc = DecodeConfig.make(m.cfg.family)
+    dc = DecodeConfig.make(m.cfg.family).structure
     prepared = eng.prepared(m.shape, dc, policy)
     prep = eng.prepare_steps(prepared, policy.kinds)
     runners, st = prepared.steps, prepared.state

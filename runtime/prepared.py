@@ -1,16 +1,15 @@
-"""One prepared request: everything a (request shape, decoding options, policy) needs, allocated on one
-path that the engine and export both use (docs/ARCHITECTURE.md, "Prepared requests")."""
+"""One prepared request: everything a (request shape, decoding structure, policy) needs, allocated on
+one path that the engine and export both use (docs/ARCHITECTURE.md, "Prepared requests")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
-
 from dllm.models.checkpoint import Weights
 from dllm.models.config import ModelConfig
 
-from .decoding import DecodeConfig
+from .decoding import DecodeStructure
 from .policy import Policy
 from .state import Cache, RequestShape, StepState
 
@@ -25,7 +24,7 @@ def named_tensors(prefix: str, obj) -> dict[str, torch.Tensor]:
 @dataclass
 class Prepared:
     shape: RequestShape
-    dc: DecodeConfig
+    structure: DecodeStructure
     policy: Policy
     state: StepState
     cache: Cache | None                       # per-layer K/V/A/M, for policies that cache
@@ -35,13 +34,13 @@ class Prepared:
     prepare_seconds: float = 0.0              # compile / capture time spent on this request so far
 
     @staticmethod
-    def allocate(w: Weights, cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, policy: Policy,
+    def allocate(w: Weights, cfg: ModelConfig, shape: RequestShape, s: DecodeStructure, policy: Policy,
                  device, dtype) -> "Prepared":
-        policy.check(cfg, dc)
-        st = StepState.allocate(cfg, shape, dc, device)
+        policy.check(cfg, s)
+        st = StepState.allocate(cfg, shape, s, device)
         cache = Cache.allocate(cfg, shape, device, dtype) if policy.uses_cache else None
         scratch = policy.scratch(cfg, shape, st, device)
-        return Prepared(shape, dc, policy, st, cache, scratch, policy.bodies(w, cfg, st, cache, scratch))
+        return Prepared(shape, s, policy, st, cache, scratch, policy.bodies(w, cfg, st, cache, scratch))
 
     def fill(self, cfg: ModelConfig, prompts: list[list[int]], seed: int) -> None:
         """Load a request: prompts left-padded into the canvas, step 0, the policy's scratch cleared."""

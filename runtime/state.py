@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
 from dllm.models.config import ModelConfig
 from dllm.models.layers import positions_and_mask, rope_tables
 
-from .decoding import DecodeConfig, RequestError, commit_counts, dream_reveal_probs, check_shape
+from .decoding import FAMILY_DECODING, DecodeStructure, DecodeValues, check_shape, commit_counts, dream_reveal_probs
+from .errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RequestShape:
 @dataclass
 class StepState:
     shape: RequestShape
-    dc: DecodeConfig
+    structure: DecodeStructure      # what the steps were built for (their values live in the 0-dim tensors)
     kmax: int                       # most tokens any step commits (static top-k width)
     tokens: torch.Tensor            # [B, L] int64   the canvas
     n_pad: torch.Tensor             # [B] int64      left padding of each prompt
@@ -73,20 +73,20 @@ class StepState:
                                          "temperature", "top_p", "top_k", "threshold")
 
     @staticmethod
-    def allocate(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, device) -> "StepState":
+    def allocate(cfg: ModelConfig, shape: RequestShape, s: DecodeStructure, device) -> "StepState":
         B, P, G, Bl = shape.batch, shape.prompt_bucket, shape.gen_length, shape.block_length
         L = shape.length
-        counts = commit_counts(dc, G, Bl, shape.steps)
+        counts = commit_counts(s, G, Bl, shape.steps)
         spb = check_shape(G, Bl, shape.steps)
-        kmax = Bl if dc.threshold is not None else max(counts)   # threshold: up to a whole block per step
+        kmax = Bl if s.threshold else max(counts)   # threshold: up to a whole block per step
         i64 = dict(dtype=torch.int64, device=device)
         noise = None
-        if dc.random_per_vocab:
+        if s.random_per_vocab:
             noise = torch.empty(B, Bl, cfg.vocab_size, device=device,
-                                dtype=torch.float64 if dc.family == "llada" else torch.float32)
-        reveal = dream_reveal_probs(spb, dc.eps) * shape.n_blocks if dc.family == "dream" else [0.0] * shape.steps
+                                dtype=FAMILY_DECODING[s.family].noise_dtype)
+        reveal = dream_reveal_probs(spb, s.eps) * shape.n_blocks if s.reveals else [0.0] * shape.steps
         return StepState(
-            shape=shape, dc=dc.structure(), kmax=kmax,
+            shape=shape, structure=s, kmax=kmax,
             tokens=torch.full((B, L), cfg.mask_id, **i64),
             n_pad=torch.zeros(B, **i64),
             key_mask=torch.ones(B, 1, 1, L, dtype=torch.bool, device=device),
@@ -103,22 +103,20 @@ class StepState:
             commit_pos=torch.zeros(B, kmax, **i64),
             commit_valid=torch.zeros(B, kmax, dtype=torch.bool, device=device),
             noise=noise,
-            unif=torch.empty(B, Bl, device=device) if dc.random_per_row else None,
+            unif=torch.empty(B, Bl, device=device) if s.random_per_row else None,
             generator=torch.Generator() if torch.device(device).type == "meta" else torch.Generator(device=device),
             temperature=torch.zeros((), dtype=torch.float64, device=device),
             top_p=torch.ones((), device=device),
             top_k=torch.zeros((), **i64),
             threshold=torch.ones((), dtype=torch.float64, device=device),
-        ).with_values(dc)
+        )
 
-    def with_values(self, dc: DecodeConfig) -> "StepState":
-        """Write a request's sampling values into the value tensors (its structure must be this state's)."""
-        assert dc.structure() == self.dc, (dc, self.dc)
-        self.temperature.fill_(dc.temperature)
-        self.top_p.fill_(1.0 if dc.top_p is None else dc.top_p)
-        self.top_k.fill_(0 if dc.top_k is None else dc.top_k)
-        self.threshold.fill_(1.0 if dc.threshold is None else dc.threshold)
-        return self
+    def write_values(self, v: DecodeValues) -> None:
+        """Write a request's decoding values into the 0-dim value tensors, in place."""
+        self.temperature.fill_(v.temperature)
+        self.top_p.fill_(v.top_p)
+        self.top_k.fill_(v.top_k)
+        self.threshold.fill_(v.threshold)
 
     def fill(self, cfg: ModelConfig, prompts: list[list[int]], seed: int) -> None:
         """Load a request into the buffers in place: left-padded prompts, masked response, step 0."""
@@ -165,7 +163,7 @@ class StepState:
     def draw_noise(self) -> None:
         """Refill this step's random numbers in place (no-op for greedy decoding)."""
         if self.noise is not None:
-            if self.dc.family == "llada":
+            if FAMILY_DECODING[self.structure.family].noise_draw == "uniform":
                 self.noise.uniform_(generator=self.generator)
             else:
                 self.noise.exponential_(generator=self.generator)
@@ -173,7 +171,7 @@ class StepState:
             self.unif.uniform_(generator=self.generator)
 
 
-def request_bytes(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, uses_cache: bool,
+def request_bytes(cfg: ModelConfig, shape: RequestShape, s: DecodeStructure, uses_cache: bool,
                   dtype: torch.dtype) -> int:
     """An upper estimate of the memory one prepared request needs: its state, its cache, and what one
     step holds at its peak (activations, attention scores, the [B, Bl, V] logits, probabilities and
@@ -181,7 +179,7 @@ def request_bytes(cfg: ModelConfig, shape: RequestShape, dc: DecodeConfig, uses_
     B, L, Bl, V, d = shape.batch, shape.length, shape.block_length, cfg.vocab_size, cfg.d_model
     act = torch.empty(0, dtype=dtype).element_size()
     state = B * L * (8 + 1 + 2 * cfg.head_dim * 4) + B * Bl * 8 * 4
-    noise = B * Bl * V * 8 if dc.random_per_vocab else 0                       # [B, Bl, V] float64
+    noise = B * Bl * V * 8 if s.random_per_vocab else 0                       # [B, Bl, V] float64
     cache = 2 * cfg.n_layers * B * L * (cfg.kv_width + d) * act if uses_cache else 0
     step = (B * L * (cfg.q_width + 2 * cfg.kv_width + 3 * d + 2 * cfg.mlp_hidden) * act   # one layer's activations
             + B * cfg.n_heads * L * L * 4                                       # attention scores [B, H, L, L]

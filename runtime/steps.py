@@ -12,10 +12,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 from dllm.models.checkpoint import Weights
 from dllm.models.config import ModelConfig
-from dllm.models.layers import block, head, layer_rows
+from dllm.models.layers import head, layer_rows
 
 from .decoding import choose
 from .state import Cache, StepState
@@ -25,7 +24,7 @@ def commit(cfg: ModelConfig, st: StepState, raw: torch.Tensor, fresh: torch.Tens
            prior: torch.Tensor | None = None) -> None:
     """raw [B, Bl, V] logits (model dtype) for the current block's positions -> commit this step's
     tokens, step += 1. Tokens are chosen from the fp32 logits; confidences are ranked and compared with
-    the threshold in st.dc.confidence_dtype (float64 by default, see decoding.choose).
+    the threshold in st.structure.confidence_dtype (float64 by default, see decoding.choose).
 
     fresh [B, Bl] bool: positions whose logits came from rows recomputed this step; the others rank
     after them (d2Cache decodes what it recomputed). prior [B, Bl]: rank by p(x0) * prior instead of the
@@ -36,7 +35,7 @@ def commit(cfg: ModelConfig, st: StepState, raw: torch.Tensor, fresh: torch.Tens
     # changes an output, docs/ARCHITECTURE.md "Decoding").
     raw[..., cfg.mask_id] = float("-inf")                             # (head output: written in place)
     logits = raw.float()                                              # [B, Bl, V] fp32
-    x0, conf, p0 = choose(st.dc, logits, st.noise, st.unif, raw,     # [B, Bl] each
+    x0, conf, p0 = choose(st.structure, logits, st.noise, st.unif, raw,   # [B, Bl] each
                           (st.temperature, st.top_p, st.top_k))
     cur = st.tokens.index_select(1, pos)                              # [B, Bl]
     is_mask = cur == cfg.mask_id
@@ -48,7 +47,7 @@ def commit(cfg: ModelConfig, st: StepState, raw: torch.Tensor, fresh: torch.Tens
     conf = torch.where(is_mask, conf, torch.full_like(conf, float("-inf")))
     st.conf.copy_(conf)
     st.p0.copy_(p0)
-    if st.dc.threshold is not None:   # every row with p(x0) >= threshold, and the best-ranked one
+    if st.structure.threshold:   # every row with p(x0) >= threshold, and the best-ranked one
         take = is_mask & (p0 >= st.threshold)
         if fresh is not None:
             take = take & fresh
@@ -57,7 +56,7 @@ def commit(cfg: ModelConfig, st: StepState, raw: torch.Tensor, fresh: torch.Tens
         new = torch.where(take, x0, cur)
         st.commit_pos.copy_(pos.expand_as(take))
         st.commit_valid.copy_(take)
-    elif st.dc.family == "dream" and st.dc.alg == "origin":
+    elif st.structure.reveals:       # Dream 'origin': each masked row revealed with the step's probability
         take = is_mask & (st.unif < st.reveal_prob.index_select(0, st.step))
         new = torch.where(take, x0, cur)
     else:   # top-k with k from the schedule: rank by confidence, keep the first k of the top kmax
@@ -86,7 +85,7 @@ def block_logits(w: Weights, cfg: ModelConfig, st: StepState, x: torch.Tensor) -
 def full_layer(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, st: StepState, cache: Cache | None,
                probs_out: torch.Tensor | None = None) -> torch.Tensor:
     """Every row through layer i, writing the layer's cache if there is one -> stream [B, L, d]."""
-    a, m, k, v = block(w, cfg, i, x, st.cos, st.sin, st.key_mask, probs_out)
+    a, m, k, v = layer_rows(w, cfg, i, x, st.cos, st.sin, st.key_mask, probs_out=probs_out)
     if cache is not None:
         cache.put_layer(i, k, v, a, m)
     return x + a + m

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from dllm.models.tiny import write_tiny
 
 FAMILIES = ("llada", "dream")

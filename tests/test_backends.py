@@ -2,12 +2,10 @@
 requests outside them are refused; CUDA graphs replay bit-identically in one shared pool (GPU only)."""
 import pytest
 import torch
-
 from dllm.graphs import BackendError, backends
-from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from dllm.runtime.state import RequestShape
+from dllm.runtime import Bucket, D2Cache, DllmCache, DualCache, Engine, NoCache, Request, RequestError
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.engine import Bucket
+from dllm.runtime.state import RequestShape
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 KW = {"llada": dict(gen_length=16, steps=16, block_length=8), "dream": dict(gen_length=16, steps=16)}
@@ -27,7 +25,7 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
     # step's confidences 1e-5: Inductor fuses and reorders fp32 reductions (softmax of O(1) logits).
     eager = engines[family]
     comp = Engine.from_pretrained(tiny_dirs[family], backend="compile", keep_faster=False)   # compiled code only
-    dc = DecodeConfig.make(family)
+    dc = DecodeConfig.make(family).structure
     for policy in POLICIES:
         kinds = set()
         for prompt in PROMPTS:
@@ -36,8 +34,8 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
             assert b.tokens == a.tokens and b.backend == "compile"
             kinds |= set(b.step_kinds)
             shape = RequestShape(1, 12, 16, KW[family].get("block_length", 16), 16)
-            assert _finite_close(eager.prepared(shape, dc, policy).state.conf, comp.prepared(shape, dc, policy).state.conf,
-                                 1e-5)
+            assert _finite_close(eager.prepared(shape, dc, policy).state.conf,
+                                 comp.prepared(shape, dc, policy).state.conf, 1e-5)
         assert kinds == ({"full"} if policy is POLICIES[0] else
                          {"full", "verify", "response_refresh", "prompt_refresh"})
 
@@ -64,7 +62,7 @@ def test_cpu_compile_is_never_slower_than_eager_per_kind(tiny_dirs):
     """On CPU the compile backend serves each kind with the faster variant, measured at prepare time."""
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="compile")
     policy = DllmCache(kp=5, kr=3, rho=0.25)
-    prep = eng.prepared(RequestShape(1, 12, 16, 8, 16), DecodeConfig.make("llada"), policy)
+    prep = eng.prepared(RequestShape(1, 12, 16, 8, 16), DecodeConfig.make("llada").structure, policy)
     eng.prepare_steps(prep, policy.kinds)
     assert set(prep.steps) == set(policy.kinds)
     for k in policy.kinds:          # either the eager body itself or the compiled wrapper
@@ -97,11 +95,11 @@ def test_backend_names_and_devices():
 def test_buckets_are_prepared_once_and_reused(tiny_dirs):
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="compile",
                                  buckets=[Bucket(prompt=12, gen_length=16, steps=16, block_length=8)])
-    assert eng.capture_seconds > 0 and not eng.capture_on_demand
+    assert eng.prepare_seconds > 0 and not eng.prepare_on_demand
     out = eng.generate(PROMPTS[0], **KW["llada"])
-    assert out.capture_seconds == 0.0                      # prepared at start-up
+    assert out.prepare_seconds == 0.0                      # prepared at start-up
     assert out.tokens == eng.generate(PROMPTS[0], prompt_bucket=12, **KW["llada"]).tokens
-    with pytest.raises(RequestError, match="no prepared bucket fits.*prompt 13 tokens.*capture_on_demand=True"):
+    with pytest.raises(RequestError, match="no prepared bucket fits.*prompt 13 tokens.*prepare_on_demand=True"):
         eng.generate(list(range(5, 18)), **KW["llada"])    # longer than the bucket
     with pytest.raises(RequestError, match="no prepared bucket fits.*policy dllm-cache"):
         eng.generate(PROMPTS[0], policy=DllmCache(), **KW["llada"])   # prepared for NoCache only
@@ -109,19 +107,20 @@ def test_buckets_are_prepared_once_and_reused(tiny_dirs):
 
 def test_on_demand_capture_serves_unprepared_shapes(tiny_dirs, engines):
     eng = Engine.from_pretrained(tiny_dirs["dream"], backend="eager", buckets=[Bucket(12, 16, 16)],
-                                 capture_on_demand=True)
+                                 prepare_on_demand=True)
     assert eng.generate(PROMPTS[1], gen_length=8, steps=8).tokens == \
         engines["dream"].generate(PROMPTS[1], gen_length=8, steps=8).tokens
     with pytest.raises(RequestError, match="unknown decoding options"):
-        eng.capture(Bucket(12, 16, 16), NoCache(), temprature=0.5)
+        eng.prepare(Bucket(12, 16, 16), NoCache(), temprature=0.5)
 
 
 def test_smallest_fitting_bucket_wins(tiny_dirs):
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="eager",
                                  buckets=[Bucket(32, 16, 16, 8), Bucket(8, 16, 16, 8), Bucket(16, 16, 16, 8)])
-    assert {k[0].prompt_bucket for k in eng._prepared} == {8, 16, 32}
+    assert {k[0].prompt_bucket for k in eng._store} == {8, 16, 32}
     # an 11-token prompt goes to the 16 bucket, not the 32 one
-    assert eng._pick_shape([PROMPTS[2]], 16, 16, 8, None, DecodeConfig.make("llada"), NoCache()).prompt_bucket == 16
+    req = Request(PROMPTS[2], gen_length=16, steps=16, block_length=8)
+    assert eng._pick_shape(1, len(PROMPTS[2]), req, DecodeConfig.make("llada").structure).prompt_bucket == 16
 
 
 # ---------------------------------------------------------------- CUDA
@@ -135,7 +134,7 @@ def _cuda_pair(tiny_dirs, family, backend):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_cudagraph_replay_is_bit_identical_to_eager(tiny_dirs, family):
     eager, graph = _cuda_pair(tiny_dirs, family, "cudagraph")
-    dc = DecodeConfig.make(family)
+    dc = DecodeConfig.make(family).structure
     for policy in CUDA_POLICIES:
         for prompt in PROMPTS:
             a = eager.generate(prompt, prompt_bucket=12, policy=policy, **KW[family])
@@ -148,7 +147,8 @@ def test_cudagraph_replay_is_bit_identical_to_eager(tiny_dirs, family):
             if policy.uses_cache:
                 for name, t in eager.prepared(shape, dc, policy).cache.tensors().items():
                     assert torch.equal(t, graph.prepared(shape, dc, policy).cache.tensors()[name]), name
-            assert torch.equal(eager.prepared(shape, dc, policy).state.conf, graph.prepared(shape, dc, policy).state.conf)
+            assert torch.equal(eager.prepared(shape, dc, policy).state.conf,
+                               graph.prepared(shape, dc, policy).state.conf)
 
 
 @pytest.mark.cuda

@@ -1,14 +1,13 @@
 """dLLM-Cache: exactness where the maths says outputs are equal, the step plan, static buffers, no host syncs."""
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from dllm.runtime import DllmCache, NoCache, RequestError, make_policy
+from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.dllm_cache import cached_logits
 from dllm.runtime.state import Cache, RequestShape, StepState
-from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.steps import block_logits, full_forward, with_noise
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 SETTINGS = {"llada": [dict(gen_length=16, steps=16, block_length=8), dict(gen_length=24, steps=12, block_length=8)],
@@ -55,7 +54,7 @@ def _exact_state(eng, prompt, G=16, block=8):
     cfg = eng.cfg
     dc = DecodeConfig.make(cfg.family)
     shape = RequestShape(1, len(prompt), G, block if cfg.family == "llada" else G, G)
-    st = StepState.allocate(cfg, shape, dc, "cpu")
+    st = StepState.allocate(cfg, shape, dc.structure, "cpu")
     cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
     st.fill(cfg, [prompt], seed=0)
     steps = make_steps(eng.weights, cfg, st, cache, budget=4)
@@ -167,7 +166,8 @@ def test_steps_never_sync_the_host(engines, family, dkw):
     cfg = eng.cfg
     dc = DecodeConfig.make(cfg.family, temperature=dkw.get("temperature", 0.0))
     shape = RequestShape(2, 8, 16, 8, 16)
-    st = StepState.allocate(cfg, shape, dc, "cpu")
+    st = StepState.allocate(cfg, shape, dc.structure, "cpu")
+    st.write_values(dc.values)
     cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
     st.fill(cfg, PROMPTS[:2], seed=0)
     steps = make_steps(eng.weights, cfg, st, cache, budget=4)
@@ -185,7 +185,7 @@ def test_nothing_is_allocated_across_100_steps(engines):
     policy = DllmCache(kp=50, kr=7, rho=0.25)
     eng.generate(PROMPTS[0], policy=policy, **kw)                      # warm-up: allocates state and cache
     shape = RequestShape(1, len(PROMPTS[0]), 128, 32, 128)
-    prep = eng.prepared(shape, DecodeConfig.make("llada"), policy)
+    prep = eng.prepared(shape, DecodeConfig.make("llada").structure, policy)
     st, cache = prep.state, prep.cache
     before = {n: (t.data_ptr(), t.shape) for n, t in {**cache.tensors(), "tokens": st.tokens}.items()}
     steps = make_steps(eng.weights, eng.cfg, st, cache, policy.n_verify(128))
@@ -252,7 +252,8 @@ def test_step_bodies_compile_as_one_graph(engines):
     shape = RequestShape(2, 11, 16, 16, 16)
     runs = []
     for compiled in (False, True):
-        st = StepState.allocate(cfg, shape, dc, "cpu")
+        st = StepState.allocate(cfg, shape, dc.structure, "cpu")
+        st.write_values(dc.values)
         cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
         st.fill(cfg, PROMPTS[1:], seed=3)
         bodies = DllmCache(rho=4 / 16).bodies(eng.weights, cfg, st, cache, None)

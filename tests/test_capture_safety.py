@@ -18,9 +18,6 @@ import dataclasses
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from dllm.models.checkpoint import Weights
 from dllm.models.config import parse_config
 from dllm.models.tiny import SHAPE_PRESETS, tiny_config
@@ -29,6 +26,8 @@ from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.prepared import Prepared
 from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.steps import full_step
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PRESET = {"llada": "llada-8b-shape", "dream": "dream-7b-shape"}
 REAL_SHAPE = RequestShape(batch=1, prompt_bucket=512, gen_length=256, block_length=32, steps=256)
@@ -69,18 +68,19 @@ def meta_state(cfg, shape: RequestShape, dc: DecodeConfig) -> StepState:
     """StepState.allocate's state with every tensor on meta. StepState.allocate(device="meta") itself
     fails on torch.Generator(device="meta") (not an accelerator); the generator only feeds draw_noise,
     which runs outside the step bodies, so the CPU one allocate makes here is never used."""
-    st = StepState.allocate(cfg, shape, dc, "cpu")
+    st = StepState.allocate(cfg, shape, dc.structure, "cpu")
+    st.write_values(dc.values)
     return dataclasses.replace(st, **{f.name: torch.empty_like(getattr(st, f.name), device="meta")
                                       for f in dataclasses.fields(st) if isinstance(getattr(st, f.name), torch.Tensor)})
 
 
 def meta_prepared(w, cfg, shape: RequestShape, dc: DecodeConfig, policy) -> Prepared:
     """Prepared.allocate(..., device="meta", dtype=bf16), step by step, with the state from meta_state."""
-    policy.check(cfg, dc)
+    policy.check(cfg, dc.structure)
     st = meta_state(cfg, shape, dc)
     cache = Cache.allocate(cfg, shape, "meta", w.wqkv.dtype) if policy.uses_cache else None
     scratch = policy.scratch(cfg, shape, st, "meta")
-    return Prepared(shape, dc, policy, st, cache, scratch, policy.bodies(w, cfg, st, cache, scratch))
+    return Prepared(shape, dc.structure, policy, st, cache, scratch, policy.bodies(w, cfg, st, cache, scratch))
 
 
 class StepWatch(TorchDispatchMode):
@@ -239,7 +239,7 @@ def eager_and_replayed(eager: Engine, policy, dkw: dict, prompt, shape_kw: dict)
     replay = Engine(eager.cfg, eager.weights, backend="eager")
     B, P = 1, shape_kw["prompt_bucket"]
     shape = RequestShape(B, P, shape_kw["gen_length"], shape_kw["block_length"], shape_kw["steps"])
-    prep = replay.prepared(shape, DecodeConfig.make(family, **dkw), policy)
+    prep = replay.prepared(shape, DecodeConfig.make(family, **dkw).structure, policy)
     record_steps(prep, replay.cfg)
     kw = dict(policy=policy, seed=3, **dkw, **shape_kw)
     return eager.generate(prompt, **kw).tokens, replay.generate(prompt, **kw).tokens

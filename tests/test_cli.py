@@ -5,8 +5,7 @@ import subprocess
 import sys
 
 import pytest
-
-from dllm.runtime.cli import main
+from dllm.apps.main import main
 
 
 def run_cli(capsys, *args):
@@ -25,8 +24,8 @@ def test_json_contract(capsys, tiny_dirs, engines):
                          "--steps", 8, "--block-length", 8, "--json")
     assert rc == 0
     obj = json.loads(out)                                   # exactly one JSON object on stdout
-    assert set(obj) == {"tokens", "text", "steps", "step_kinds", "seconds", "backend", "capture_seconds"}
-    assert obj["backend"] == "eager" and obj["capture_seconds"] == 0.0
+    assert set(obj) == {"tokens", "text", "steps", "step_kinds", "seconds", "backend", "prepare_seconds"}
+    assert obj["backend"] == "eager" and obj["prepare_seconds"] == 0.0
     assert len(obj["tokens"]) == 1 and len(obj["tokens"][0]) == 16
     assert obj["steps"] == 8 and obj["step_kinds"] == {"full": 8} and obj["seconds"] > 0
     assert obj["tokens"] == engines["llada"].generate([5, 6, 7], gen_length=16, steps=8, block_length=8).tokens
@@ -143,9 +142,8 @@ def test_default_dtype_is_bf16_where_the_cpu_has_it(capsys, tiny_dirs, engines, 
     """--dtype auto (the default): bfloat16 on a CPU with AVX512-BF16 / AMX, float32 elsewhere; the
     tokens are those of an engine loaded in that dtype."""
     import torch
-
     from dllm.runtime import Engine, engine
-    from dllm.runtime.engine import native_bf16, resolve_dtype
+    from dllm.runtime.device import native_bf16, resolve_dtype
     want = torch.bfloat16 if native_bf16("cpu") else torch.float32
     assert resolve_dtype("auto", "cpu") == want and resolve_dtype("float32", "cpu") == torch.float32
     loaded, load = [], engine.load_weights

@@ -18,8 +18,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-
-from dllm.runtime.cli import StepBar, build_parser, main
+from dllm.apps.generate.main import StepBar, build_parser
+from dllm.apps.main import main
+from dllm.runtime import Request
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained" / "arith-llada"
@@ -41,12 +42,14 @@ def test_version(capsys):
 
 
 def test_defaults_and_help(capsys):
-    a = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
-    assert (a.gen_length, a.steps, a.block_length, a.quiet, a.json) == (128, None, None, False, False)
+    a = build_parser().parse_args(["--model", "m", "--prompt", "p"])
+    assert (a.gen_length, a.steps, a.block_length, a.quiet, a.json) == (None, None, None, False, False)
+    r = Request("p").resolved()                       # flags left out: the model's defaults, else these
+    assert (r.gen_length, r.steps, r.block_length) == (128, 128, 128)
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     help_text = capsys.readouterr().out
-    assert "default 128" in help_text and "default G" in help_text
+    assert "else 128" in help_text and "default G" in help_text
     assert "models/trained/arith-llada" in help_text and "reverse 48213" in help_text   # the prompt format
 
 

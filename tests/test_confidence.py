@@ -4,11 +4,16 @@ import json
 
 import pytest
 import torch
-
+from dllm.apps import export as ex
+from dllm.apps.main import main
 from dllm.runtime import DualCache, RequestError
-from dllm.runtime import export as ex
-from dllm.runtime.cli import main
 from dllm.runtime.decoding import DecodeConfig, choose
+
+
+def _choose(dc, logits, noise, unif, raw=None):
+    """decoding.choose for a request's options: its structure and its values."""
+    return choose(dc.structure, logits, noise, unif, raw, dc.values.sampling)
+
 
 V = 16
 
@@ -25,8 +30,8 @@ def _near_one_logits() -> torch.Tensor:
 
 def test_float64_separates_what_float32_rounds_to_one():
     logits = _near_one_logits()
-    x0, c64, p64 = choose(DecodeConfig.make("llada"), logits.clone(), None, None)
-    _, c32, p32 = choose(DecodeConfig.make("llada", confidence_dtype="logits"), logits.clone(), None, None)
+    x0, c64, p64 = _choose(DecodeConfig.make("llada"), logits.clone(), None, None)
+    _, c32, p32 = _choose(DecodeConfig.make("llada", confidence_dtype="logits"), logits.clone(), None, None)
     assert x0.tolist() == [[3, 5, 7]]
     assert p32.dtype == torch.float32 and p64.dtype == torch.float64
     assert p32[0, 0] == p32[0, 1] == 1.0                         # a tie in fp32: topk's order decides
@@ -37,8 +42,8 @@ def test_float64_separates_what_float32_rounds_to_one():
 def test_threshold_one_only_takes_exact_ones_in_float64(tiny_dirs):
     # p >= 1.0 in fp64 means 1 - p < 2^-53; rows 0 and 1 above are below 1.0 in fp64, 1.0 in fp32
     logits = _near_one_logits()
-    _, _, p64 = choose(DecodeConfig.make("llada", threshold=1.0), logits.clone(), None, None)
-    _, _, p32 = choose(DecodeConfig.make("llada", threshold=1.0, confidence_dtype="logits"), logits.clone(),
+    _, _, p64 = _choose(DecodeConfig.make("llada", threshold=1.0), logits.clone(), None, None)
+    _, _, p32 = _choose(DecodeConfig.make("llada", threshold=1.0, confidence_dtype="logits"), logits.clone(),
                        None, None)
     assert ((p64 >= 1.0).tolist(), (p32 >= 1.0).tolist()) == ([[False, False, False]], [[True, True, False]])
 
@@ -46,9 +51,9 @@ def test_threshold_one_only_takes_exact_ones_in_float64(tiny_dirs):
 def test_logits_mode_computes_in_the_model_dtype():
     raw = _near_one_logits().bfloat16()
     dc = DecodeConfig.make("dream", alg="topk_margin", confidence_dtype="logits")
-    x0, conf, p0 = choose(dc, raw.float(), None, None, raw)
+    x0, conf, p0 = _choose(dc, raw.float(), None, None, raw)
     assert conf.dtype == p0.dtype == torch.bfloat16 and x0.tolist() == [[3, 5, 7]]
-    x0, conf, p0 = choose(DecodeConfig.make("dream", alg="topk_margin"), raw.float(), None, None, raw)
+    x0, conf, p0 = _choose(DecodeConfig.make("dream", alg="topk_margin"), raw.float(), None, None, raw)
     assert conf.dtype == p0.dtype == torch.float64
 
 

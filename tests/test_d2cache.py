@@ -5,13 +5,22 @@ import math
 
 import pytest
 import torch
-
 from dllm.runtime import D2Cache, Engine, RequestError, make_policy
-from dllm.runtime.policy.d2cache import D2Buffers
-from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
-from dllm.runtime.policy.d2cache import certainty_density, d2_select, dedupe, nucleus, rollout_full, rollout_rows, row_mask
-from dllm.runtime.policy.d2cache import d2_full, d2_selected
+from dllm.runtime.policy.d2cache import (
+    D2Buffers,
+    certainty_density,
+    d2_full,
+    d2_select,
+    d2_selected,
+    dedupe,
+    nucleus,
+    rollout_full,
+    rollout_rows,
+    row_mask,
+)
+from dllm.runtime.state import Cache, RequestShape, StepState
+
 from tests.test_cache import NoHostSync
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -104,7 +113,7 @@ def _state(eng, policy, prompt, G=16, block=None):
     cfg = eng.cfg
     dc = DecodeConfig.make(cfg.family)
     shape = RequestShape(1, len(prompt), G, block or G, G)
-    st = StepState.allocate(cfg, shape, dc, "cpu")
+    st = StepState.allocate(cfg, shape, dc.structure, "cpu")
     cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
     d2 = D2Buffers.allocate(cfg, shape, policy.k, policy.sigma, policy.attn_budget, st.kmax, "cpu")
     st.fill(cfg, [prompt], seed=0)
@@ -226,7 +235,7 @@ def test_origin_is_refused(engines):
 
 
 def test_cli_flags(capsys, tiny_dirs, engines):
-    from dllm.runtime.cli import main
+    from dllm.apps.main import main
     rc = main(["generate", "--model", str(tiny_dirs["dream"]), "--prompt-ids", "5,6,7", "--gen-length", "16",
                "--steps", "16", "--policy", "d2cache", "--k", "4", "--sigma", "5", "--attn-budget", "3",
                "--attn-p", "0.2", "--quasi-l2r", "--backend", "eager", "--json"])

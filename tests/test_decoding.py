@@ -2,12 +2,16 @@
 literal transcription of the reference samplers (LLaDA generate.py, Dream _sample) at temperature 0."""
 import pytest
 import torch
-
 from dllm.models.layers import forward
 from dllm.runtime import DecodeConfig, RequestError
-from dllm.runtime.decoding import commit_counts, dream_block_counts, dream_reveal_probs, llada_block_counts
+from dllm.runtime.decoding import choose, commit_counts, dream_block_counts, dream_reveal_probs, llada_block_counts
 
 PROMPTS = [[5, 9, 33, 40, 41], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+
+def _choose(dc, logits, noise, unif, raw=None):
+    """decoding.choose for a request's options: its structure and its values."""
+    return choose(dc.structure, logits, noise, unif, raw, dc.values.sampling)
+
 
 
 # ---------------------------------------------------------------- schedules
@@ -181,11 +185,10 @@ def test_sampling_is_seeded_and_complete(engines, family, kw):
 def test_gumbel_max_samples_the_softmax():
     # temperature 1: the float64 Gumbel-max choice is a sample from softmax(logits); check frequencies
     dc = DecodeConfig.make("llada", temperature=1.0)
-    from dllm.runtime.decoding import choose
     logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]]).expand(1, 20000, 4).contiguous()
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 20000, 4, dtype=torch.float64, generator=g)
-    x0, _, _ = choose(dc, logits, noise, None)
+    x0, _, _ = _choose(dc, logits, noise, None)
     freq = torch.bincount(x0.flatten(), minlength=4).double() / 20000
     expect = logits[0, 0].double().softmax(-1)
     assert (freq - expect).abs().max() < 0.015      # ~3 standard errors at n = 20000

@@ -3,13 +3,12 @@ import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.dual_cache import dual_logits
+from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.steps import block_logits, full_forward, full_step
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 ALL_POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25), D2Cache(k=4, attn_budget=4), DualCache()]
@@ -27,7 +26,7 @@ def test_dual_block_step_on_exact_caches_reproduces_full_logits(engines, family)
     cfg = eng.cfg
     for prompt in PROMPTS:
         shape = RequestShape(1, len(prompt), 16, 8, 16)
-        st = StepState.allocate(cfg, shape, DecodeConfig.make(family), "cpu")
+        st = StepState.allocate(cfg, shape, DecodeConfig.make(family).structure, "cpu")
         cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
         st.fill(cfg, [prompt], seed=0)
         with torch.inference_mode():
@@ -109,7 +108,7 @@ def test_compile_matches_eager(tiny_dirs, engines, family):
 
 
 def test_cli(capsys, tiny_dirs, engines):
-    from dllm.runtime.cli import main
+    from dllm.apps.main import main
     rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt-ids", "5,6,7", "--gen-length", "16",
                "--steps", "16", "--block-length", "8", "--policy", "dual-cache", "--threshold", "0.2",
                "--backend", "eager", "--json"])

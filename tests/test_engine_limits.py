@@ -2,7 +2,6 @@
 option including a threshold, and default prompt buckets round up where a shape costs a compile."""
 import pytest
 import torch
-
 from dllm.graphs import backends
 from dllm.runtime import Bucket, DllmCache, Engine, NoCache, RequestError
 from dllm.runtime.engine import PROMPT_GRANULARITY
@@ -33,8 +32,8 @@ def test_one_prepared_step_set_serves_every_sampling_value(tiny_dirs, backend):
     runs = [dict(temperature=0.7, top_p=0.9, top_k=5, seed=1), dict(temperature=1.3, top_p=0.5, top_k=2, seed=1),
             dict(temperature=0.7, top_p=0.9, top_k=5, seed=1)]
     outs = [eng.generate(PROMPT, prompt_bucket=8, **run, **KW) for run in runs]
-    assert [o.capture_seconds > 0 for o in outs] == [backend == "compile", False, False]
-    assert len(eng._prepared) == 1
+    assert [o.prepare_seconds > 0 for o in outs] == [backend == "compile", False, False]
+    assert len(eng._store) == 1
     assert outs[0].tokens == outs[2].tokens != outs[1].tokens
     for run, out in zip(runs[:2], outs):
         fresh = Engine.from_pretrained(tiny_dirs["dream"], backend="eager").generate(PROMPT, prompt_bucket=8,
@@ -48,33 +47,33 @@ def test_least_recently_used_prepared_requests_are_released(tiny_dirs, engines):
     for n in range(2, 9):                                                     # 7 distinct prompt lengths
         ids = PROMPT[:1] * n
         assert eng.generate(ids, **KW).tokens == ref.generate(ids, **KW).tokens
-        assert len(eng._prepared) == min(n - 1, 3)
-    assert [k[0].prompt_bucket for k in eng._prepared] == [6, 7, 8]          # the three most recent
+        assert len(eng._store) == min(n - 1, 3)
+    assert [k[0].prompt_bucket for k in eng._store] == [6, 7, 8]          # the three most recent
     eng.generate(PROMPT[:1] * 6, **KW)                                        # a hit moves to the end
     eng.generate(PROMPT[:1] * 2, **KW)                                        # a miss evicts the oldest (7)
-    assert [k[0].prompt_bucket for k in eng._prepared] == [8, 6, 2]
+    assert [k[0].prompt_bucket for k in eng._store] == [8, 6, 2]
 
 
 def test_byte_limit_and_declared_buckets_are_kept(tiny_dirs):
     probe = Engine.from_pretrained(tiny_dirs["llada"], backend="eager")
     probe.generate(PROMPT, policy=DllmCache(), **KW)
-    one = next(iter(probe._prepared.values())).nbytes
+    one = next(iter(probe._store.values())).nbytes
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="eager", buckets=[Bucket(32, 8, 8)],
-                                 capture_on_demand=True, max_prepared_bytes=3 * one)
+                                 prepare_on_demand=True, max_prepared_bytes=3 * one)
     for n in range(1, 7):
         eng.generate(PROMPT[:1] * n, policy=DllmCache(), **KW)
-        assert sum(p.nbytes for p in eng._prepared.values()) <= 3 * one + next(
-            p.nbytes for k, p in eng._prepared.items() if k[0].prompt_bucket == 32)
-    assert any(k[0].prompt_bucket == 32 for k in eng._prepared)              # the declared bucket stays
-    assert len(eng._prepared) < 7
+        assert sum(p.nbytes for p in eng._store.values()) <= 3 * one + next(
+            p.nbytes for k, p in eng._store.items() if k[0].prompt_bucket == 32)
+    assert any(k[0].prompt_bucket == 32 for k in eng._store)              # the declared bucket stays
+    assert len(eng._store) < 7
 
 
 def test_free_releases_everything(tiny_dirs, engines):
     eng = Engine.from_pretrained(tiny_dirs["dream"], backend="eager", buckets=[Bucket(12, 8, 8)],
-                                 capture_on_demand=True)
+                                 prepare_on_demand=True)
     eng.generate(PROMPT, **KW)
     eng.free()
-    assert not eng._prepared and not eng.buckets
+    assert not eng._store and not eng.buckets
     assert eng.generate(PROMPT, **KW).tokens == engines["dream"].generate(PROMPT, **KW).tokens
 
 
@@ -102,7 +101,7 @@ def test_eviction_releases_captured_graphs(tiny_dirs):
     eng.generate(PROMPT, **KW)
     assert len(eng._pool.graphs) == 1
     eng.generate(PROMPT + [3] * 64, **KW)                                     # another bucket: evicts the first
-    assert len(eng._pool.graphs) == 1 and len(eng._prepared) == 1
+    assert len(eng._pool.graphs) == 1 and len(eng._store) == 1
     torch.cuda.synchronize()
 
 
@@ -127,4 +126,4 @@ def test_a_request_larger_than_the_byte_limit_is_still_served(tiny_dirs, engines
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="eager", max_prepared_bytes=1)
     for n in (3, 5):
         assert eng.generate(PROMPT[:n], **KW).tokens == engines["llada"].generate(PROMPT[:n], **KW).tokens
-        assert [k[0].prompt_bucket for k in eng._prepared] == [n]
+        assert [k[0].prompt_bucket for k in eng._store] == [n]

@@ -1,4 +1,4 @@
-"""dllm.runtime.evaluate: the runtime as lm-eval model `dllm`. lm-eval's own evaluator on the in-repo task
+"""dllm.apps.evaluate: the runtime as lm-eval model `dllm`. lm-eval's own evaluator on the in-repo task
 (perf/eval_tasks/arith) agrees prompt for prompt with perf.quality; the Monte-Carlo log-likelihood is
 exact where it can be and ranks the right answer first; bad model arguments are one clear error."""
 import json
@@ -10,17 +10,16 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from lm_eval import evaluator  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
+from dllm.apps.evaluate import DllmLM, EvalConfig, gen_shape  # noqa: E402
+from dllm.apps.main import main as cli_main  # noqa: E402
 from dllm.models.layers import forward  # noqa: E402
 from dllm.models.train_tiny import held_out  # noqa: E402
 from dllm.perf.evaltable import DATA, task_rows  # noqa: E402
 from dllm.perf.quality import CONFIGS, answer, configuration, evaluate  # noqa: E402
 from dllm.runtime import Engine, RequestError  # noqa: E402
-from dllm.runtime.cli import main as cli_main  # noqa: E402
 from dllm.runtime.decoding import check_shape  # noqa: E402
-from dllm.runtime.evaluate import DllmLM, EvalConfig, gen_shape  # noqa: E402
+from lm_eval import evaluator  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained" / "arith-llada"
@@ -62,7 +61,8 @@ def responses(res, task: str) -> list[str]:
 
 def test_task_data_is_the_held_out_split():
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    assert rows == task_rows(), "perf/eval_tasks/arith/held_out.jsonl is stale: python -m dllm.perf.evaltable --write-data"
+    assert rows == task_rows(), \
+        "perf/eval_tasks/arith/held_out.jsonl is stale: python -m dllm.perf.evaltable --write-data"
     assert all(r["wrong"] != r["answer"] and len(r["wrong"]) == len(r["answer"]) for r in rows)
 
 
@@ -106,14 +106,14 @@ def test_chat_template_task_gives_the_same_answers(engine, tasks):
 
 def test_gen_length_of_a_request_rounds_up_to_the_policy_shape():
     cfg = EvalConfig.parse({"model": "x", "gen_length": 256, "steps": 128, "block_length": 32})
-    shapes = {m: gen_shape(cfg, m) for m in (1, 31, 32, 33, 100, 256, 300)}
+    shapes = {m: gen_shape(cfg.request, m) for m in (1, 31, 32, 33, 100, 256, 300)}
     assert [(s.gen_length, s.steps) for s in shapes.values()] == [
         (32, 16), (32, 16), (32, 16), (64, 32), (128, 64), (256, 128), (320, 160)]
     one_block = EvalConfig.parse({"model": "x", "gen_length": 64, "steps": 16})
-    assert gen_shape(one_block, 10) == gen_shape(one_block, 10).__class__(10, 3, 10)
+    assert gen_shape(one_block.request, 10) == gen_shape(one_block.request, 10).__class__(10, 3, 10)
     uneven = EvalConfig.parse({"model": "x", "gen_length": 64, "steps": 2, "block_length": 32})
     for m in (1, 40, 64, 65, 200):
-        s = gen_shape(uneven, m)
+        s = gen_shape(uneven.request, m)
         assert s.gen_length >= m and check_shape(s.gen_length, s.block_length, s.steps) >= 1
 
 
@@ -165,8 +165,8 @@ def test_loglikelihood_ranks_the_right_answer_first(engine, tasks):
 @pytest.mark.parametrize("args, message", [
     ({"polciy": "none"}, "unknown model argument polciy; valid: model, dtype, device"),
     ({"policy": "fast"}, "unknown policy 'fast'; choose one of none, dllm-cache"),
-    ({"kp": 8}, "model argument kp does not apply to policy none"),
-    ({"policy": "dllm-cache", "rho": "high"}, "model argument rho='high': expected a number"),
+    ({"kp": 8}, "option kp belongs to policy dllm-cache, not none"),            # the one option parser's words
+    ({"policy": "dllm-cache", "rho": "high"}, "rho must be a number, got 'high'"),
     ({"gen_length": 10, "block_length": 4}, "gen_length 10 is not a multiple of block_length 4"),
     ({"alg": "entropy"}, "--alg entropy is a Dream option"),
     ({"dtype": "fp8"}, "unknown dtype 'fp8'"),

@@ -1,4 +1,4 @@
-"""Export round trip: `dllm export` packages run from Python and from the C++ runner (graphs/cpp) give
+"""Export round trip: `dllm export` packages run from Python and from the C++ runner (apps/export/cpp) give
 the Python engine's tokens, for every policy and both families; damaged or inconsistent packages are
 refused by both loaders with one line (PackageError / exit 2), never a crash."""
 import json
@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dllm.runtime import export as ex
+from dllm.apps import export as ex
+from dllm.apps.export import package as ex_package
+from dllm.apps.export import write as ex_write
 from dllm.runtime import D2Cache, DllmCache, DualCache, NoCache, RequestError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +21,7 @@ SHAPE = dict(prompt_bucket=12, gen_length=16, steps=16, block_length=8)
 
 @pytest.fixture(scope="session")
 def runner():
-    """Build graphs/cpp once (the build folder is reused between test runs: a no-op when unchanged)."""
+    """Build apps/export/cpp once (the build folder is reused between test runs: a no-op when unchanged)."""
     missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"no {' or '.join(missing)} on this machine: the C++ runner cannot be built")
@@ -89,7 +90,7 @@ def test_export_refuses_what_it_cannot_carry(engines, tmp_path):
 
 def test_cli_export(tiny_dirs, tmp_path, engines):
     out = tmp_path / "pkg"
-    res = subprocess.run([sys.executable, "-m", "dllm.runtime.cli", "export", "--model", str(tiny_dirs["dream"]),
+    res = subprocess.run([sys.executable, "-m", "dllm.apps.main", "export", "--model", str(tiny_dirs["dream"]),
                           "--out", str(out), "--prompt-bucket", "12", "--gen-length", "16", "--steps", "16",
                           "--block-length", "8", "--policy", "dllm-cache", "--kp", "5", "--kr", "3"],
                          capture_output=True, text=True, cwd=ROOT)
@@ -136,7 +137,7 @@ def test_aoti_package_holds_one_weight_copy(engines, aoti_packages):
     """Issue 12.8: the weights are stored once (weights.safetensors) and passed to every program; no
     program carries them as constants, so the package does not grow by a weight copy per step kind."""
     from torch._inductor import aoti_load_package
-    wbytes = sum(t.numel() * t.element_size() for t in ex._weight_inputs(engines["llada"].weights).values())
+    wbytes = sum(t.numel() * t.element_size() for t in ex_write.weight_inputs(engines["llada"].weights).values())
     for policy in AOTI_POLICIES:
         pkg = aoti_packages[("llada", policy.name)]
         stored = (pkg / "weights.safetensors").stat().st_size
@@ -200,8 +201,9 @@ def _float_to_half(line):
 TAMPERINGS = [
     ("state-shape", ["aoti"], _edit_line("state.txt", _last_dim_plus_one), True),
     ("state-dtype", ["aoti"], _edit_line("state.txt", _float_to_half), True),
-    ("state-canvas", ["aoti"], _edit_line("state.txt", lambda l: l.replace("st_tokens int64 1 ", "st_tokens int64 1 9")), True),
-    ("state-garbage", ["aoti"], _edit_line("state.txt", lambda l: "x y z" if l.startswith("st_step") else l), True),
+    ("state-canvas", ["aoti"],
+     _edit_line("state.txt", lambda ln: ln.replace("st_tokens int64 1 ", "st_tokens int64 1 9")), True),
+    ("state-garbage", ["aoti"], _edit_line("state.txt", lambda ln: "x y z" if ln.startswith("st_step") else ln), True),
     ("state-unhashed", ["aoti"], _edit_line("state.txt", _last_dim_plus_one), False),
     ("plan-bucket", ["aoti", "torchscript"], _plan(prompt_bucket=16), True),
     ("plan-gen-length", ["aoti", "torchscript"], _plan(gen_length=32, block_length=16), True),
@@ -238,7 +240,7 @@ def _tampered(pristine, fmt, fn, rehash, tmp_path):
     shutil.copytree(pristine[fmt], pkg)
     fn(pkg)
     if rehash:
-        ex.write_manifest(pkg)
+        ex_package.write_manifest(pkg)
     return pkg
 
 
@@ -282,7 +284,7 @@ def test_aoti_export_on_cuda_runs_on_cuda(tiny_dirs, tmp_path, runner):
 def test_aoti_cuda_export_needs_the_toolkit(tmp_path):
     """Issue 12.3: without nvcc (CUDA_HOME pointing nowhere) the check refuses with one line."""
     env = {**__import__("os").environ, "CUDA_HOME": str(tmp_path / "no-cuda"), "CUDA_PATH": str(tmp_path / "no-cuda")}
-    res = subprocess.run([sys.executable, "-c", "from dllm.runtime.export import check_cuda_toolkit as c\n"
+    res = subprocess.run([sys.executable, "-c", "from dllm.apps.export import check_cuda_toolkit as c\n"
                           "try:\n c()\nexcept Exception as e:\n print(type(e).__name__, e)"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert res.stdout.startswith("RequestError") and "CUDA toolkit" in res.stdout and res.stdout.count("\n") == 1

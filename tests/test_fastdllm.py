@@ -28,15 +28,24 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from dllm.models.layers import (apply_rope, attention, attn_out, ffn, head, heads, positions_and_mask, project,
-                                rms_norm, rope_tables)
+from dllm.models.layers import (
+    apply_rope,
+    attention,
+    attn_out,
+    ffn,
+    head,
+    heads,
+    positions_and_mask,
+    project,
+    rms_norm,
+    rope_tables,
+)
 from dllm.models.tiny import write_tiny
 from dllm.runtime import DualCache, Engine, NoCache
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.state import RequestShape, StepState
 from dllm.runtime.steps import commit
+from safetensors.torch import load_file, save_file
 
 HEAD = "model.transformer.ff_out.weight"          # LLaDA's untied LM head, on disk
 SCALES = {4: 31, 16: 12, 64: 13}                  # head scale -> seed of the tiny checkpoint
@@ -312,7 +321,8 @@ def run_runtime(eng, prompt, gen, block, steps, tau, policy, confidence_dtype="f
     """Engine.generate -> (Generation, the canvas positions committed at each step)."""
     P, follow = len(prompt), []
     out = eng.generate(prompt, gen_length=gen, steps=steps, block_length=block, threshold=tau, policy=policy,
-                       confidence_dtype=confidence_dtype, on_step=lambda ev: follow.append({P + j for j in ev.committed[0]}))
+                       confidence_dtype=confidence_dtype,
+                       on_step=lambda ev: follow.append({P + j for j in ev.committed[0]}))
     return out, follow
 
 
@@ -398,7 +408,8 @@ def runtime_commit(cfg, raw, steps, threshold, confidence_dtype) -> set[int]:
     """One runtime commit (dllm.runtime.steps.commit) of raw as the first block's logits -> block rows committed."""
     prompt, Bl = [5, 6, 7], raw.shape[1]
     dc = DecodeConfig.make("llada", threshold=threshold, confidence_dtype=confidence_dtype)
-    st = StepState.allocate(cfg, RequestShape(1, len(prompt), Bl, Bl, steps), dc, "cpu")
+    st = StepState.allocate(cfg, RequestShape(1, len(prompt), Bl, Bl, steps), dc.structure, "cpu")
+    st.write_values(dc.values)
     st.fill(cfg, [prompt], seed=0)
     with torch.inference_mode():
         commit(cfg, st, raw.clone())

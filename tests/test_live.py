@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
+from dllm.apps.generate.live import MASK_CELL, LiveView
 from dllm.runtime import Engine
-from dllm.runtime.live import MASK_CELL, LiveView
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "trained" / "arith-llada"
 ARGS = ["generate", "--model", str(MODEL), "--prompt", "reverse 48213\n", "--gen-length", "8", "--steps", "8"]
@@ -25,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def run_in_pty(args: list[str], timeout: float = 120.0) -> tuple[int, str]:
     """Run the CLI with stdout and stderr on a pseudo-terminal; returns (exit status, everything it wrote)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "dllm.runtime.cli", *args], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "dllm.apps.main", *args], stdin=subprocess.DEVNULL,
                             stdout=slave, stderr=slave, env=ENV, close_fds=True)
     os.close(slave)
     chunks, end = [], time.monotonic() + timeout
@@ -58,7 +57,7 @@ def frames(raw: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    out = subprocess.run([sys.executable, "-m", "dllm.runtime.cli", *ARGS, "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "dllm.apps.main", *ARGS, "--json"], capture_output=True,
                          text=True, env=ENV, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -88,7 +87,7 @@ def test_live_frames_end_on_the_json_result(reference):
 
 
 def test_live_falls_back_to_plain_output_in_a_pipe(reference):
-    out = subprocess.run([sys.executable, "-m", "dllm.runtime.cli", *ARGS, "--live"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dllm.apps.main", *ARGS, "--live"], capture_output=True, text=True,
                          env=ENV, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "\x1b" not in out.stdout and "\x1b" not in out.stderr

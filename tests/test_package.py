@@ -4,9 +4,8 @@ an old package untouched). Every package carries a sha256 manifest of its files.
 from dataclasses import dataclass
 
 import pytest
-
+from dllm.apps import export as ex
 from dllm.runtime import NoCache
-from dllm.runtime import export as ex
 
 SHAPE = dict(prompt_bucket=8, gen_length=8, steps=8)
 

@@ -1,7 +1,6 @@
 """The perf commands run end to end (on the tiny preset, so CI stays fast) and print what they claim."""
 import pytest
 import torch
-
 from dllm.perf import e2e, steps
 
 
@@ -64,7 +63,7 @@ def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path, device):
 
 
 def test_dllm_bench_is_the_report(capfd):     # capfd: the CLI may run perf.report as its own process
-    from dllm.runtime.cli import main
+    from dllm.apps.main import main
     assert main(["bench", "--family", "llada", "--preset", "tiny", "--prompt-len", "8", "--gen-length", "8",
                  "--steps", "8", "--block-length", "4", "--policies", "none", "--backends", "eager",
                  "--iters", "1"]) == 0

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from dllm.perf import regress
 
 

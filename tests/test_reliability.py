@@ -2,7 +2,6 @@
 values that must be refused are refused, and Python API types behave as a user expects."""
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -13,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from dllm.models.tiny import write_tiny
+from dllm.apps.main import main
 from dllm.runtime import Bucket, D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
-from dllm.runtime.cli import main
 from dllm.runtime.engine import FifoLock
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(gen_length=8, steps=8, prompt_bucket=8)
@@ -176,10 +173,10 @@ BAD_INPUTS = [
 
 
 def _assert_one_line_error(rc, out, err, needle):
-    lines = [l for l in err.strip().splitlines() if l]
+    lines = [ln for ln in err.strip().splitlines() if ln]
     assert rc == 2, err[-800:]
     assert out == "" and "Traceback" not in err
-    assert lines and lines[-1].startswith("dllm: error: ") and sum("error" in l for l in lines) == 1, err
+    assert lines and lines[-1].startswith("dllm: error: ") and sum("error" in ln for ln in lines) == 1, err
     assert needle in lines[-1], lines[-1]
 
 
@@ -219,7 +216,7 @@ def test_bad_export_is_one_line_exit_2(capsys, tiny_dirs, tmp_path, args_of, nee
 
 def test_ctrl_c_is_one_line_exit_130(tiny_dirs):
     """SIGINT while generating: 'dllm: interrupted' and exit 130, no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "dllm.runtime.cli", "generate", "--model", str(tiny_dirs["llada"]),
+    proc = subprocess.Popen([sys.executable, "-m", "dllm.apps.main", "generate", "--model", str(tiny_dirs["llada"]),
                              "--prompt-ids", "5,6", "--gen-length", "2048", "--steps", "2048", "--backend", "eager"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             # a shell starts background jobs with SIGINT ignored, and Python then keeps it
@@ -300,7 +297,7 @@ def test_prompt_types_that_work(engines, prompt):
     (dict(seed=2 ** 64), "seed must be"),
     (dict(gen_length="8"), "gen_length must be an integer"),
     (dict(gen_length=8.0), "gen_length must be an integer"),
-    (dict(steps=None), "steps must be an integer"),
+    (dict(steps="8"), "steps must be an integer"),           # None now means the default (G): see Request
     (dict(prompt_bucket="8"), "prompt_bucket must be an integer"),
     (dict(prompt_bucket=-1), "prompt_bucket must be an integer"),
     (dict(block_length=4.0), "block_length must be an integer"),
@@ -320,7 +317,7 @@ def test_wrong_types_are_request_errors(engines, kwargs, needle):
                          ids=["negative-prompt", "zero-gen", "zero-batch", "block-not-dividing"])
 def test_bad_buckets_are_request_errors(engines, bucket):
     with pytest.raises(RequestError):
-        engines["llada"].capture(bucket)
+        engines["llada"].prepare(bucket)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -1,14 +1,13 @@
 """The FLOP / byte model of perf.roofline against what the step bodies really do."""
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
-
 from dllm.perf.roofline import Peaks, kind_cost, layer_cost, markdown, roofline_rows
 from dllm.runtime import POLICIES
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.base import LayerWork
 from dllm.runtime.state import RequestShape
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 FAMILIES = ("llada", "dream")
 
@@ -23,7 +22,7 @@ def test_counted_flops_equal_the_model(engines, family, name):
     eng = engines[family]
     shape = RequestShape(1, 24, 16, 8 if family == "llada" else 16, 16)
     policy = POLICIES[name]()
-    prep = eng.prepared(shape, DecodeConfig.make(family), policy)
+    prep = eng.prepared(shape, DecodeConfig.make(family).structure, policy)
     with torch.inference_mode():
         prep.fill(eng.cfg, [list(range(8, 32))], seed=0)
         for kind in policy.kinds:

@@ -47,7 +47,7 @@ def start_server(tmp_path: Path, *args: str) -> Server:
     """`dllm serve` on a free port; returns once it printed its ready line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1,localhost"}
     err = open(tmp_path / f"serve-{time.monotonic_ns()}.err", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dllm.runtime.cli", "serve", "--model", str(MODEL), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "dllm.apps.main", "serve", "--model", str(MODEL), "--port", "0",
                              "--threads", "1", *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
@@ -164,9 +164,9 @@ def error_of(excinfo) -> dict:
     ({"max_tokens": 8, "extra_body": {"policy": "warp"}}, 400, "policy", "unknown policy 'warp'"),
     ({"max_tokens": 0}, 400, "max_tokens", "integer >= 1"),
     ({"max_tokens": 12}, 400, None, "no prepared bucket fits"),
-    ({"max_tokens": 8, "extra_body": {"kp": 3}}, 400, "kp", "does not apply to policy none"),
-    ({"max_tokens": 8, "extra_body": {"policy": "dllm-cache", "kp": 0}}, 400, "policy", "kp must be an integer >= 1"),
-    ({"max_tokens": 8, "extra_body": {"threshold": 2.0}}, 400, None, "threshold must be in (0, 1]"),
+    ({"max_tokens": 8, "extra_body": {"kp": 3}}, 400, "kp", "belongs to policy dllm-cache, not none"),
+    ({"max_tokens": 8, "extra_body": {"policy": "dllm-cache", "kp": 0}}, 400, "kp", "kp must be an integer >= 1"),
+    ({"max_tokens": 8, "extra_body": {"threshold": 2.0}}, 400, "threshold", "threshold must be in (0, 1]"),
     ({"max_tokens": 8, "extra_body": {"steps": 0}}, 400, "steps", "steps must be an integer >= 1"),
     ({"max_tokens": 8, "extra_body": {"warp_speed": 9}}, 400, "warp_speed", "unrecognized request argument"),
     ({"max_tokens": 8, "n": 2}, 400, "n", "not supported"),
@@ -207,7 +207,7 @@ def test_metrics_parse(server):
 
 
 def test_bad_start_up_is_one_line(capsys, tmp_path):
-    from dllm.runtime.serve import main
+    from dllm.apps.serve.main import main
     assert main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dllm serve: error:") and err.count("\n") == 1
@@ -269,12 +269,17 @@ def post(server: Server, prompt: str, max_tokens: int, timeout: float = 60) -> h
                       timeout=timeout)
 
 
+SLOW = 384
+
+
 def test_queue_full_and_disconnects(tmp_path):
-    s = start_server(tmp_path, "--bucket", "32:8:8", "--bucket", "32:64:64", "--queue", "2")
+    # SLOW tokens take about a second on a 2-core machine: long enough that a request queued behind one,
+    # or running, is still there when its client's 0.5 s / 0.2 s timeout fires (64 tokens were not)
+    s = start_server(tmp_path, "--bucket", "32:8:8", "--bucket", f"32:{SLOW}:{SLOW}", "--queue", "2")
     try:
         # a burst of 12 slow requests at once: 1 runs, 2 wait, the rest are refused with 429
         with ThreadPoolExecutor(12) as pool:
-            burst = list(pool.map(lambda i: post(s, "reverse 48213\n", 64), range(12)))
+            burst = list(pool.map(lambda i: post(s, "reverse 48213\n", SLOW), range(12)))
         codes = [r.status_code for r in burst]
         refused = [r for r in burst if r.status_code == 429]
         assert set(codes) <= {200, 429} and codes.count(200) >= 3 and refused, codes
@@ -285,15 +290,15 @@ def test_queue_full_and_disconnects(tmp_path):
 
         # a client that leaves while queued frees its place; one that leaves while running is cancelled
         before = metrics(s).get(("dllm_requests_total", (("endpoint", "completions"), ("outcome", "cancelled"))), 0)
-        slow = threading.Thread(target=post, args=(s, "reverse 48213\n", 64))
+        slow = threading.Thread(target=post, args=(s, "reverse 48213\n", SLOW))
         slow.start()
         wait_for(lambda: metrics(s)[("dllm_running_requests", ())] == 1)
         with pytest.raises(httpx.ReadTimeout):
-            post(s, "sort 93142\n", 64, timeout=0.5)         # queued behind `slow`, then gone
+            post(s, "sort 93142\n", SLOW, timeout=0.5)         # queued behind `slow`, then gone
         wait_for(lambda: metrics(s)[("dllm_queue_length", ())] == 0)
         slow.join()
         with pytest.raises(httpx.ReadTimeout):
-            post(s, "sort 93142\n", 64, timeout=0.2)         # running when it goes
+            post(s, "sort 93142\n", SLOW, timeout=0.2)         # running when it goes
         wait_for(lambda: metrics(s)[("dllm_running_requests", ())] == 0)
         m = metrics(s)
         assert m[("dllm_requests_total", (("endpoint", "completions"), ("outcome", "cancelled")))] == before + 2

@@ -5,7 +5,7 @@ add it to POLICIES below; the engine, the backends, export and the CLI pick it u
 """
 from __future__ import annotations
 
-from ..decoding import RequestError
+from ..errors import RequestError
 from .base import Policy
 from .d2cache import D2Cache
 from .dllm_cache import DllmCache
@@ -18,11 +18,11 @@ POLICIES: dict[str, type[Policy]] = {p.name: p for p in (NoCache, DllmCache, D2C
 def make_policy(name: str, **params) -> Policy:
     """The policy called `name` with the given options; RequestError for an unknown name or option."""
     if name not in POLICIES:
-        raise RequestError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+        raise RequestError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", "policy")
     try:
         return POLICIES[name](**params)
     except TypeError as e:
-        raise RequestError(f"policy {name}: {e}") from None
+        raise RequestError(f"policy {name}: {e}", "policy") from None
 
 
 __all__ = ["POLICIES", "Policy", "NoCache", "DllmCache", "D2Cache", "DualCache", "make_policy"]

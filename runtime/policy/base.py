@@ -22,7 +22,8 @@ from typing import Callable, ClassVar
 from dllm.models.checkpoint import Weights
 from dllm.models.config import ModelConfig
 
-from ..decoding import DecodeConfig, RequestError
+from ..decoding import DecodeStructure
+from ..errors import RequestError
 from ..state import Cache, RequestShape, StepState
 
 
@@ -59,8 +60,8 @@ class Policy:
     def key(self, shape: RequestShape) -> tuple:
         return (self.name, *self.params().values())
 
-    def check(self, cfg: ModelConfig, dc: DecodeConfig) -> None:
-        """Refuse decoding options the policy cannot serve (RequestError)."""
+    def check(self, cfg: ModelConfig, s: DecodeStructure) -> None:
+        """Refuse decoding the policy cannot serve (RequestError)."""
 
     def scratch(self, cfg: ModelConfig, shape: RequestShape, st: StepState, device):
         return None
@@ -82,4 +83,4 @@ class Policy:
 
 def check_int(policy: str, name: str, value, lowest: int, meaning: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-        raise RequestError(f"{policy} {name} must be an integer >= {lowest} ({meaning}), got {value!r}")
+        raise RequestError(f"{policy} {name} must be an integer >= {lowest} ({meaning}), got {value!r}", name)

@@ -14,11 +14,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-
 from dllm.models.config import ModelConfig
 from dllm.models.layers import head
 
-from ..decoding import RequestError
+from ..errors import RequestError
 from ..state import RequestShape, StepState
 from ..steps import advance, block_logits, commit, decodable_rows, embed_rows, full_layer, rows_layer
 from .base import LayerWork, Policy, check_int, full_work
@@ -157,7 +156,8 @@ def rollout_rows(d2: D2Buffers) -> None:
     w = d2.valid.float()
     for layer in range(d2.attn_rows.shape[0] - 1, -1, -1):
         vs = v.gather(1, d2.rows) * w                                # [B, S]
-        v = v - 0.5 * torch.zeros_like(v).scatter_add(1, d2.rows, vs) + 0.5 * (vs[:, None, :] @ d2.attn_rows[layer])[:, 0]
+        v = v - 0.5 * torch.zeros_like(v).scatter_add(1, d2.rows, vs) \
+            + 0.5 * (vs[:, None, :] @ d2.attn_rows[layer])[:, 0]
     d2.importance.copy_(v)
 
 
@@ -218,15 +218,16 @@ class D2Cache(Policy):
         check_int(self.name, "k", self.k, 1, "masked rows chosen per step")
         check_int(self.name, "attn_budget", self.attn_budget, 0, "rows chosen by attention rollout")
         if not isinstance(self.sigma, (int, float)) or isinstance(self.sigma, bool) or not self.sigma > 0:
-            raise RequestError(f"d2cache sigma (the certainty-density kernel width) must be > 0, got {self.sigma!r}")
+            raise RequestError(f"d2cache sigma (the certainty-density kernel width) must be > 0, got {self.sigma!r}",
+                               "sigma")
         if self.attn_p is not None and not 0.0 < self.attn_p <= 1.0:
-            raise RequestError(f"d2cache attn_p must be in (0, 1], got {self.attn_p!r}")
+            raise RequestError(f"d2cache attn_p must be in (0, 1], got {self.attn_p!r}", "attn_p")
 
     def kind_at(self, n: int, i: int) -> str:
         return "full" if n == 1 else "selected"
 
-    def check(self, cfg, dc) -> None:
-        if dc.family == "dream" and dc.alg == "origin":
+    def check(self, cfg, s) -> None:
+        if s.reveals:
             raise RequestError("d2cache needs a fixed commit count per step; Dream's 'origin' alg reveals a "
                                "random number of tokens. Use --alg maskgit_plus, topk_margin or entropy")
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 from dllm.models.layers import head, rms_norm, values
 
-from ..decoding import RequestError
+from ..errors import RequestError
 from ..steps import advance, block_logits, commit, embed_rows, full_layer, full_step, rows_layer
 from .base import LayerWork, Policy, check_int
 
@@ -108,7 +107,7 @@ class DllmCache(Policy):
         check_int(self.name, "kr", self.kr, 1, "refresh the response every kr steps")
         if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not 0.0 <= self.rho <= 1.0:
             raise RequestError(f"dllm-cache rho must be in [0, 1] (the fraction of the response recomputed "
-                               f"per step), got {self.rho!r}")
+                               f"per step), got {self.rho!r}", "rho")
 
     def kind_at(self, n: int, i: int) -> str:
         rp, rr = (n - 1) % self.kp == 0, (n - 1) % self.kr == 0   # n runs across blocks, as the reference

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from dllm.models.config import CheckpointError
-
-from .engine import Generation, StepEvent
+from dllm.runtime import Generation, StepEvent
 
 MASK_CELL = "░"
 SPECIAL_CELL = "∎"
@@ -46,7 +45,7 @@ class Cell:
 def usable_tokenizer(engine):
     """The engine's tokenizer, or None when the folder has none usable (the cells then show ids)."""
     try:
-        return engine.tokenizer
+        return engine.text.usable()
     except CheckpointError:
         return None
 

@@ -4,13 +4,14 @@
 gen_length=256,steps=256,block_length=32 --tasks gsm8k --batch_size 8 [--include_path DIR]
 
     import lm_eval
-    from dllm.runtime.evaluate import DllmLM
+    from dllm.apps.evaluate import DllmLM
     lm_eval.simple_evaluate(model=DllmLM(model=DIR, policy="d2cache"), tasks=["gsm8k"])
 
 `dllm eval ARGS...` is lm-eval's own command line (`lm-eval run ARGS...`) with this model registered;
 the arguments pass through unchanged. Model arguments are the `dllm generate` options, dashes as
-underscores (EvalConfig below), validated with the same messages; a bad one is one RequestError line
-(exit status 2 under `dllm eval`).
+underscores (EvalConfig below: the engine's, the evaluation's, and every Request option through the one
+option parser), validated with the same messages; a bad one is one RequestError line (exit status 2
+under `dllm eval`), reported before lm-eval starts.
 
 Requests:
 - generate_until: prompts batched (`--batch_size`) per generation shape, longest first, each batch
@@ -18,7 +19,8 @@ Requests:
   end-of-text, then at the first stop sequence. A request's `max_gen_toks` m becomes the generation
   length G = m rounded up to a multiple of block_length (G = m with one block), with
   steps = ceil(G * steps / gen_length) rounded up to a multiple of the block count G / block_length;
-  tokens beyond m are dropped. Requests without max_gen_toks use gen_length.
+  tokens beyond m are dropped (Request.text_tokens). Requests without max_gen_toks use gen_length
+  (default: the model folder's generation_config.json, else 128).
 - loglikelihood: the Monte-Carlo estimate these models are evaluated with (LLaDA's get_log_likelihood):
   per sample draw l ~ U{1..|answer|}, mask l answer positions chosen uniformly, sum the cross-entropy
   of the masked positions weighted by |answer| / l; average over mc_num samples. Every request draws
@@ -30,69 +32,45 @@ Requests:
 
 Efficiency, per task, printed after each generate_until call (`report=false` silences it) and kept in
 `DllmLM.efficiency`: tokens/s = generated tokens up to the first end-of-text over the summed wall time
-of the generation calls (Generation.seconds: fill, all steps, read-back; compile/capture excluded and
+of the generation calls (Generation.seconds: fill, all steps, read-back; preparation excluded and
 reported apart); forwards per token = steps x batch rows over those tokens; the step kinds; and the
 speedup against NoCache, timed on the same batches right after each one (`baseline=false` skips it).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dllm.apps.common import error_exit, expected_errors
+from dllm.graphs import BACKENDS
+from dllm.models.config import ModelConfig, load_config
+from dllm.models.layers import forward
+from dllm.runtime import Engine, GenerationDefaults, NoCache, Request, RequestError
+from dllm.runtime.device import DTYPE_CHOICES
+from dllm.runtime.options import coerce, policy_option_names, request_options
+from dllm.runtime.request import OPTION_FIELDS
 from lm_eval._cli.ls import List
 from lm_eval._cli.run import Run
 from lm_eval._cli.validate import Validate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import (get_rolling_token_windows, make_disjoint_window, setup_logging,
-                           simple_parse_args_string)
-
-from dllm.graphs import BACKENDS, BackendError
-from dllm.models.config import CheckpointError, ModelConfig, load_config
-from dllm.models.layers import forward
-from dllm.runtime import DecodeConfig, Engine, NoCache, RequestError, make_policy
-from dllm.runtime.decoding import check_shape
-from dllm.runtime.engine import DTYPE_CHOICES
-
-POLICY_OPTIONS = {"none": (), "dllm-cache": ("kp", "kr", "rho"),
-                  "d2cache": ("k", "sigma", "attn_budget", "attn_p", "quasi_l2r"), "dual-cache": ()}
-ALL_POLICY_OPTIONS = {o for opts in POLICY_OPTIONS.values() for o in opts}
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, setup_logging, simple_parse_args_string
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The model arguments. The first group are `dllm generate`'s options with its defaults, except
-    gen_length (256 here, the length for requests without max_gen_toks)."""
+    """The model arguments: the engine's (model, dtype, device, backend, trust_remote_code), the
+    evaluation's (below), and every Request option (`request`: the one option parser, typed by Request's
+    and the policies' fields; lengths left out take the model folder's generation_config.json)."""
     model: str = ""
     dtype: str = "auto"
     device: str = "cpu"
-    remasking: str | None = None
-    alg: str | None = None
-    gen_length: int = 256
-    steps: int | None = None              # default: gen_length
-    block_length: int | None = None       # default: one block
-    prompt_bucket: int | None = None      # default: each batch's longest prompt
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int = 0
-    trust_remote_code: bool = False
-    policy: str = "none"
-    kp: int = 100
-    kr: int = 7
-    rho: float = 0.25
-    k: int = 32
-    sigma: float = 10.0
-    attn_budget: int = 32
-    attn_p: float | None = None
-    quasi_l2r: bool = False
-    threshold: float | None = None
     backend: str | None = None
-    # evaluation options
+    trust_remote_code: bool = False
     batch_size: int = 1                   # prompts per generation batch (lm-eval's --batch_size; "auto" = 64)
     max_batch_size: int | None = None     # the batch for batch_size=auto
     mc_num: int = 128                     # Monte-Carlo samples per log-likelihood
@@ -101,99 +79,68 @@ class EvalConfig:
     max_length: int | None = None         # longest canvas (default: the model's maximum sequence length)
     baseline: bool = True                 # time NoCache on every batch for the speedup
     report: bool = True                   # print the efficiency table after generate_until
+    request: Request = field(default_factory=Request)   # everything else: Request's options
 
     @classmethod
     def parse(cls, args: dict) -> "EvalConfig":
         """Model arguments as lm-eval hands them over (strings, or already ints/floats/bools) -> EvalConfig;
         RequestError names the unknown or ill-typed argument."""
-        types = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(args) - set(types))
+        own = {f.name: f for f in fields(cls) if f.name != "request"}
+        valid = [*own, *(f.name for f in OPTION_FIELDS), *policy_option_names()]
+        unknown = sorted(set(args) - set(valid))
         if unknown:
             raise RequestError(f"unknown model argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                               f"valid: {', '.join(types)}")
+                               f"valid: {', '.join(dict.fromkeys(valid))}")
         if not args.get("model"):
             raise RequestError("model argument 'model' is required: the checkpoint folder (model=DIR)")
-        values = {k: _coerce(k, v, types[k]) for k, v in args.items()}
+        values = {}
+        for k, v in args.items():
+            if k in own:
+                values[k] = "auto" if k == "batch_size" and str(v) == "auto" else coerce(k, v, own[k].type, text=True)
         if values.get("batch_size") == "auto":
             values["batch_size"] = values.get("max_batch_size") or 64
-        cfg = cls(**values)
-        foreign = sorted(o for o in set(args) & ALL_POLICY_OPTIONS if o not in POLICY_OPTIONS.get(cfg.policy, ()))
-        if foreign:
-            raise RequestError(f"model argument{'s' if len(foreign) > 1 else ''} {', '.join(foreign)} "
-                               f"{'do' if len(foreign) > 1 else 'does'} not apply to policy {cfg.policy}; " + "; ".join(f"{p}: {', '.join(o) or 'no options'}"
-                                                                    for p, o in POLICY_OPTIONS.items()))
+        request = Request(**request_options({k: v for k, v in args.items() if k not in own}, text=True))
+        cfg = cls(**values, request=request)
         cfg.check()
         return cfg
 
     def check(self) -> None:
-        for name in ("gen_length", "batch_size", "mc_num", "mc_batch"):
+        for name in ("batch_size", "mc_num", "mc_batch"):
             if getattr(self, name) < 1:
                 raise RequestError(f"model argument {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "block_length", "prompt_bucket", "max_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise RequestError(f"model argument {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise RequestError(f"model argument max_length must be >= 2 (a prompt token and a response token), "
+                               f"got {self.max_length}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise RequestError(f"unknown device {self.device!r}; choose cpu or cuda")
         if self.dtype not in DTYPE_CHOICES:
             raise RequestError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise RequestError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        block = self.gen_length if self.block_length is None else self.block_length
-        check_shape(self.gen_length, block, self.steps or self.gen_length)
-
-    def make_policy(self, name: str | None = None):
-        name = name or self.policy
-        return make_policy(name, **{o: getattr(self, o) for o in POLICY_OPTIONS.get(name, ())})
 
     def label(self) -> str:
         """The configuration in words, e.g. 'dllm-cache kp 8 kr 4 rho 0.25, threshold 0.9'."""
-        words = [self.policy] + [f"{o} {getattr(self, o)}" for o in POLICY_OPTIONS.get(self.policy, ())]
-        out = " ".join(words)
-        if self.block_length is not None:
-            out += f", block {self.block_length}"
-        if self.threshold is not None:
-            out += f", threshold {self.threshold}"
+        r = self.request
+        out = " ".join([r.policy.name] + [f"{k} {v}" for k, v in r.policy.params().items()])
+        if r.block_length is not None:
+            out += f", block {r.block_length}"
+        if r.threshold is not None:
+            out += f", threshold {r.threshold}"
         return out
-
-
-def _coerce(name: str, value, annotation: str):
-    """One model argument to its field's type ('int', 'float | None', 'bool', 'str', ...)."""
-    kind = annotation.split("|")[0].strip()
-    if "None" in annotation and (value is None or (kind != "str" and str(value).lower() in ("none", "null"))):
-        return None
-    if name == "batch_size" and str(value) == "auto":
-        return "auto"
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except ValueError:
-        wanted = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
-        raise RequestError(f"model argument {name}={value!r}: expected {wanted}") from None
 
 
 def check_model_args(args: dict) -> tuple[EvalConfig, ModelConfig]:
     """Validate model arguments without loading weights: the arguments themselves, the policy, the
-    checkpoint's config.json and the decoding options against its family. Raises RequestError /
+    checkpoint's config.json and generation_config.json, the request against them. Raises RequestError /
     CheckpointError with the CLI's messages."""
     cfg = EvalConfig.parse(args)
-    cfg.make_policy()
     mcfg = load_config(cfg.model)
-    DecodeConfig.make(mcfg.family, cfg.remasking, cfg.alg, cfg.temperature, cfg.top_p, cfg.top_k, cfg.threshold)
+    request = cfg.request.resolved(GenerationDefaults.read(Path(cfg.model)))
+    request.shape_check()
+    request.check(mcfg)
+    if cfg.max_length is not None and cfg.max_length <= request.gen_length:
+        raise RequestError(f"model argument max_length {cfg.max_length} leaves no room for a prompt before "
+                           f"gen_length {request.gen_length}; give a max_length above it")
     return cfg, mcfg
 
 
@@ -204,17 +151,18 @@ class GenShape:
     block_length: int
 
 
-def gen_shape(cfg: EvalConfig, max_tokens: int) -> GenShape:
+def gen_shape(request: Request, max_tokens: int, defaults: GenerationDefaults | None = None) -> GenShape:
     """The generation shape for a request of at most max_tokens tokens: G is max_tokens rounded up to a
-    multiple of block_length (one block: G = max_tokens); steps keep the configured steps per token
-    (steps / gen_length), rounded up to a multiple of the block count G / block_length."""
-    if cfg.block_length is None:
+    multiple of block_length (no block length: one block, G = max_tokens); steps keep the configured
+    steps per token (steps / gen_length), rounded up to a multiple of the block count G / block_length."""
+    r = request.resolved(defaults)
+    if request.block_length is None and r.block_length == r.gen_length:
         G, block = max_tokens, max_tokens
     else:
-        block = cfg.block_length
+        block = r.block_length
         G = -(-max_tokens // block) * block
     n_blocks = G // block
-    steps = -(-G * (cfg.steps or cfg.gen_length) // cfg.gen_length)
+    steps = -(-G * r.steps // r.gen_length)
     steps = max(n_blocks, -(-steps // n_blocks) * n_blocks)
     return GenShape(G, steps, block)
 
@@ -226,7 +174,7 @@ class Efficiency:
     tokens: int = 0                  # generated tokens before the first end-of-text
     seconds: float = 0.0             # summed Generation.seconds (capture excluded)
     forwards: int = 0                # steps x batch rows
-    capture_seconds: float = 0.0
+    prepare_seconds: float = 0.0
     baseline_seconds: float = 0.0    # NoCache on the same batches (0 when not measured)
     step_kinds: Counter = field(default_factory=Counter)
 
@@ -268,8 +216,8 @@ class GenItem:
 
 @register_model("dllm")
 class DllmLM(LM):
-    """lm-eval model over one Engine. Keywords: EvalConfig's fields; `engine=` reuses a loaded Engine
-    (then model/dtype/device/backend/trust_remote_code describe it and are not loaded again)."""
+    """lm-eval model over one Engine. Keywords: EvalConfig's fields and Request's options; `engine=` reuses
+    a loaded Engine (then model/dtype/device/backend/trust_remote_code describe it and are not loaded again)."""
 
     def __init__(self, engine: Engine | None = None, **model_args):
         super().__init__()
@@ -277,14 +225,13 @@ class DllmLM(LM):
             model_args.setdefault("model", str(engine.folder))
         self.config, _ = check_model_args(model_args)
         c = self.config
-        self.policy = c.make_policy()
         self.engine = engine or Engine.from_pretrained(c.model, device=c.device, dtype=c.dtype, backend=c.backend,
                                                        trust_remote_code=c.trust_remote_code)
+        self.request = c.request.resolved(self.engine.defaults)      # lengths set: the model's defaults
         mcfg = self.engine.cfg
         if self.engine.tokenizer is None:
             raise RequestError(f"{c.model} has no tokenizer files; lm-eval tasks are text, so the folder needs one")
         self.max_length = c.max_length or mcfg.max_seq_len or 4096
-        self.stop_ids = {t for t in (mcfg.eos_id, mcfg.eot_id) if t is not None and 0 <= t < mcfg.vocab_size}
         self.efficiency: dict[str, Efficiency] = {}
         self._device = self.engine.device
 
@@ -315,29 +262,10 @@ class DllmLM(LM):
         return getattr(self.engine.tokenizer, "chat_template", None) if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise RequestError(f"{self.config.model}: the tokenizer has no chat template; drop --apply_chat_template")
-        return tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    # ------------------------------------------------------------------ text <-> ids
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the tokenizer's special prefix (BOS) unless the text already starts with it
-        (a chat template writes its own)."""
-        tok = self.engine.tokenizer
-        full, plain = tok(text)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
-        n = len(full) - len(plain)
-        return plain if n > 0 and full[:n] == plain[:n] else full
-
-    def response_text(self, ids: list[int], until: tuple[str, ...]) -> tuple[str, int]:
-        """(text up to the first end-of-text and then the first stop sequence, tokens before end-of-text)."""
-        cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        text = self.engine.tokenizer.decode(ids[:cut], skip_special_tokens=True)
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        return text, cut
+        if not add_generation_prompt:
+            raise RequestError("dllm generates the assistant's turn: lm-eval asked for a chat template without "
+                               "the generation prompt")
+        return self.engine.text.chat_text(chat_history)
 
     # ------------------------------------------------------------------ generate_until
 
@@ -346,9 +274,10 @@ class DllmLM(LM):
         out: list[str | None] = [None] * len(items)
         groups = defaultdict(list)
         for it in items:
-            groups[(it.task, gen_shape(self.config, it.max_tokens), it.temperature)].append(it)
+            shape = gen_shape(self.config.request, it.max_tokens, self.engine.defaults)
+            groups[(it.task, shape, it.temperature, it.until, it.max_tokens)].append(it)
         seen_tasks = []
-        for (task, shape, temperature), group in groups.items():
+        for (task, shape, temperature, _until, _m), group in groups.items():
             group.sort(key=lambda it: -len(it.prompt))          # longest first: less padding per batch
             eff = self.efficiency.setdefault(task, Efficiency())
             seen_tasks.append(task)
@@ -365,43 +294,39 @@ class DllmLM(LM):
         context, kwargs = request.args
         kwargs = dict(kwargs or {})
         until = kwargs.get("until") or ()
-        until = (until,) if isinstance(until, str) else tuple(until)
-        max_tokens = int(kwargs.get("max_gen_toks") or self.config.gen_length)
-        temperature = float(kwargs.get("temperature", self.config.temperature) or 0.0)
+        until = tuple(s for s in ((until,) if isinstance(until, str) else until) if s)
+        max_tokens = int(kwargs.get("max_gen_toks") or self.request.gen_length)
+        temperature = float(kwargs.get("temperature", self.request.temperature) or 0.0)
         if kwargs.get("do_sample") is False:
             temperature = 0.0
-        prompt = self.encode(context)
-        room = self.max_length - gen_shape(self.config, max_tokens).gen_length
+        prompt = self.engine.encode(context)
+        room = self.max_length - gen_shape(self.config.request, max_tokens, self.engine.defaults).gen_length
         if room < 1:
             raise RequestError(f"max_gen_toks {max_tokens} leaves no room for a prompt in {self.max_length} tokens")
         return GenItem(index, request.task_name or "default", prompt[-room:], max_tokens, until, temperature)
 
-    def _generate(self, prompts: list[list[int]], shape: GenShape, temperature: float, policy, threshold):
-        c = self.config
-        return self.engine.generate(prompts, gen_length=shape.gen_length, steps=shape.steps,
-                                    block_length=shape.block_length, remasking=c.remasking, alg=c.alg,
-                                    temperature=temperature, top_p=c.top_p, top_k=c.top_k, seed=c.seed,
-                                    prompt_bucket=c.prompt_bucket, policy=policy, threshold=threshold)
+    def _generate(self, prompts: list[list[int]], shape: GenShape, **changes):
+        """The configured request for these prompts at this shape (changes: per-call fields)."""
+        return self.engine.generate(replace(self.config.request, prompt=prompts, gen_length=shape.gen_length,
+                                            steps=shape.steps, block_length=shape.block_length, **changes))
 
     def _generate_batch(self, batch: list[GenItem], shape: GenShape, temperature: float, eff: Efficiency) -> list[str]:
         prompts = [it.prompt for it in batch]
-        gen = self._generate(prompts, shape, temperature, self.policy, self.config.threshold)
-        texts = []
-        for it, ids in zip(batch, gen.tokens):
-            text, n = self.response_text(ids[:it.max_tokens], it.until)
-            texts.append(text)
-            eff.tokens += n
+        per_call = dict(temperature=temperature, stop=batch[0].until, text_tokens=batch[0].max_tokens)
+        gen = self._generate(prompts, shape, **per_call)
+        eff.tokens += sum(gen.completion_tokens)
         eff.requests += len(batch)
         eff.seconds += gen.seconds
-        eff.capture_seconds += gen.capture_seconds
+        eff.prepare_seconds += gen.prepare_seconds
         eff.forwards += gen.steps * len(batch)
         eff.step_kinds.update(gen.step_kinds)
         if self.config.baseline:
-            if self.policy.name == "none" and self.config.threshold is None:
+            if self.request.policy.name == "none" and self.request.threshold is None:
                 eff.baseline_seconds += gen.seconds                   # this run is the baseline
             else:
-                eff.baseline_seconds += self._generate(prompts, shape, temperature, NoCache(), None).seconds
-        return texts
+                eff.baseline_seconds += self._generate(prompts, shape, policy=NoCache(), threshold=None,
+                                                       **per_call).seconds
+        return gen.text
 
     def print_efficiency(self, tasks=None) -> None:
         print(f"\ndllm efficiency ({EFFICIENCY_NOTE}):\n{EFFICIENCY_HEADER}")
@@ -424,7 +349,7 @@ class DllmLM(LM):
         out = []
         for r in requests:
             (text,) = r.args
-            ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.engine.text.encode(text, special=False)
             windows = get_rolling_token_windows(ids, prefix_token=self.engine.cfg.bos_id,
                                                 max_seq_len=self.max_length, context_len=1)
             ll = sum(self.mc_loglikelihood(*make_disjoint_window(w)) for w in windows)
@@ -435,15 +360,15 @@ class DllmLM(LM):
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(prefix ids, answer ids): the answer is what the whole text adds after the context's tokens."""
         if not context:
-            return [self.engine.cfg.bos_id], self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        whole, prefix = self.encode(context + continuation), self.encode(context)
+            return [self.engine.cfg.bos_id], self.engine.text.encode(continuation, special=False)
+        whole, prefix = self.engine.encode(context + continuation), self.engine.encode(context)
         if whole[:len(prefix)] != prefix:            # a merge across the boundary: encode the parts apart
-            return prefix, self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            return prefix, self.engine.text.encode(continuation, special=False)
         return prefix, whole[len(prefix):]
 
     def mask_draws(self, n_answer: int) -> Counter:
         """mc_num draws of answer positions to mask -> {sorted positions: count}."""
-        g = torch.Generator().manual_seed(self.config.seed)
+        g = torch.Generator().manual_seed(self.request.seed)
         draws = Counter()
         for _ in range(self.config.mc_num):
             n_masked = int(torch.randint(1, n_answer + 1, (1,), generator=g))
@@ -493,12 +418,11 @@ class DllmLM(LM):
             else:
                 flags[i] = True
         for A, idx in by_len.items():
-            shape = gen_shape(self.config, max(A, self.config.gen_length))
+            shape = gen_shape(self.config.request, max(A, self.request.gen_length), self.engine.defaults)
             room = self.max_length - shape.gen_length
             for lo in range(0, len(idx), self.config.batch_size):
                 batch = idx[lo:lo + self.config.batch_size]
-                gen = self._generate([pairs[i][0][-room:] for i in batch], shape, 0.0, self.policy,
-                                     self.config.threshold)
+                gen = self._generate([pairs[i][0][-room:] for i in batch], shape, temperature=0.0)
                 for i, ids in zip(batch, gen.tokens):
                     flags[i] = ids[:A] == pairs[i][1]
         return flags
@@ -522,7 +446,6 @@ def main(argv: list[str]) -> int:
             check_model_args(simple_parse_args_string(model_args) if isinstance(model_args, str) else model_args)
         setup_logging()
         args.func(args)
-    except (CheckpointError, RequestError, BackendError) as e:
-        print(f"dllm: error: {e}", file=sys.stderr)
-        return 2
+    except expected_errors() as e:
+        return error_exit(str(e))
     return 0

@@ -1,0 +1,51 @@
+"""The export package format, shared by the writer and the loader: file names, tensor specs, the
+manifest's hashes, the one error type."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from dllm.runtime import RequestError
+
+FORMATS = ("torchscript", "aoti")
+MANIFEST = "manifest.txt"
+DTYPES = {"int64": torch.int64, "float32": torch.float32, "bool": torch.bool, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "float64": torch.float64}
+
+
+class PackageError(RequestError):
+    """An export package that is missing, damaged or inconsistent; one line says what is wrong."""
+
+
+def spec(name: str, dtype, shape) -> str:
+    """One input as 'name dtype d0 d1 ...' (a state.txt line; what a program records it expects)."""
+    return " ".join([name, str(dtype).replace("torch.", ""), *map(str, shape)])
+
+
+def state_lines(state: dict[str, torch.Tensor]) -> str:
+    return "".join(spec(n, t.dtype, t.shape) + "\n" for n, t in state.items())
+
+
+def fill_specs(prompt_bucket: int) -> list[str]:
+    return [spec("padded", "int64", [1, prompt_bucket]), spec("n_pad", "int64", [1])]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_files(folder: Path) -> list[str]:
+    """Every file of a package but the manifest, as sorted posix paths relative to the folder."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    (folder / MANIFEST).write_text("".join(f"{sha256(folder / f)}  {f}\n" for f in package_files(folder)))
+
+
