@@ -45,6 +45,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lm_eval._cli.ls import List
+from lm_eval._cli.run import Run
+from lm_eval._cli.validate import Validate
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, setup_logging, simple_parse_args_string
+
 from dllm.apps.common import error_exit, expected_errors
 from dllm.graphs import BACKENDS
 from dllm.models.config import ModelConfig, load_config
@@ -53,12 +60,6 @@ from dllm.runtime import Engine, GenerationDefaults, NoCache, Request, RequestEr
 from dllm.runtime.device import DTYPE_CHOICES
 from dllm.runtime.options import coerce, policy_option_names, request_options
 from dllm.runtime.request import OPTION_FIELDS
-from lm_eval._cli.ls import List
-from lm_eval._cli.run import Run
-from lm_eval._cli.validate import Validate
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, setup_logging, simple_parse_args_string
 
 
 @dataclass(frozen=True)

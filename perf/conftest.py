@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from dllm.graphs import available
 from dllm.models.tiny import SHAPE_PRESETS
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from dllm.runtime import Engine
 from dllm.runtime.device import DTYPES

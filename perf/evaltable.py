@@ -56,6 +56,7 @@ def task_manager(include_path: str, tasks: list[str]):
 def evaluate_config(engine: Engine, options: dict, tasks: list[str], tm, limit: int | None, batch_size: int) -> dict:
     """{task: (metric name, accuracy, Efficiency)} of one configuration through lm_eval.simple_evaluate."""
     import lm_eval
+
     from dllm.apps.evaluate import DllmLM
     lm = DllmLM(engine=engine, gen_length=GEN, steps=GEN, batch_size=batch_size, report=False, **options)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, bootstrap_iters=0,

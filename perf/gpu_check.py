@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from dllm.models.tiny import SHAPE_PRESETS, random_weights
 from dllm.runtime import POLICIES, Engine
 from dllm.runtime.decoding import DecodeConfig

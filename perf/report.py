@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import torch
+
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from dllm.models.config import ModelConfig
 from dllm.runtime.policy.base import LayerWork, Policy
 from dllm.runtime.state import RequestShape

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from dllm.graphs import available
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache, Engine

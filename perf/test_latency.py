@@ -4,6 +4,7 @@ Preparation (allocation, compile, CUDA-graph capture) and warm-up happen before 
 timed call ends with a synchronize, so the numbers are device time plus launch overhead.
 """
 import torch
+
 from dllm.runtime.decoding import DecodeConfig
 
 from .conftest import POLICIES

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from dllm.graphs import backends
 from dllm.graphs.capture import GraphPool
 from dllm.models.checkpoint import Weights, load_weights

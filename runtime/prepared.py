@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
+
 from dllm.models.checkpoint import Weights
 from dllm.models.config import ModelConfig
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from dllm.models.config import ModelConfig
 from dllm.models.layers import positions_and_mask, rope_tables
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 from dllm.models.checkpoint import Weights
 from dllm.models.config import ModelConfig
 from dllm.models.layers import head, layer_rows

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from dllm.models.config import CheckpointError, ModelConfig
 
 from .errors import RequestError

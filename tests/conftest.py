@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from dllm.models.tiny import write_tiny
 
 FAMILIES = ("llada", "dream")

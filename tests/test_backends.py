@@ -2,6 +2,7 @@
 requests outside them are refused; CUDA graphs replay bit-identically in one shared pool (GPU only)."""
 import pytest
 import torch
+
 from dllm.graphs import BackendError, backends
 from dllm.runtime import Bucket, D2Cache, DllmCache, DualCache, Engine, NoCache, Request, RequestError
 from dllm.runtime.decoding import DecodeConfig

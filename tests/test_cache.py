@@ -1,13 +1,14 @@
 """dLLM-Cache: exactness where the maths says outputs are equal, the step plan, static buffers, no host syncs."""
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from dllm.runtime import DllmCache, NoCache, RequestError, make_policy
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.dllm_cache import cached_logits
 from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.steps import block_logits, full_forward, with_noise
-from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 SETTINGS = {"llada": [dict(gen_length=16, steps=16, block_length=8), dict(gen_length=24, steps=12, block_length=8)],

@@ -18,6 +18,9 @@ import dataclasses
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from dllm.models.checkpoint import Weights
 from dllm.models.config import parse_config
 from dllm.models.tiny import SHAPE_PRESETS, tiny_config
@@ -26,8 +29,6 @@ from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.prepared import Prepared
 from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.steps import full_step
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
 PRESET = {"llada": "llada-8b-shape", "dream": "dream-7b-shape"}
 REAL_SHAPE = RequestShape(batch=1, prompt_bucket=512, gen_length=256, block_length=32, steps=256)

@@ -4,10 +4,11 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from dllm.models import CheckpointError, load_checkpoint, load_config
 from dllm.models.layers import forward
 from dllm.models.tiny import write_tiny
-from safetensors.torch import load_file, save_file
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dllm.apps.main import main
 
 
@@ -142,6 +143,7 @@ def test_default_dtype_is_bf16_where_the_cpu_has_it(capsys, tiny_dirs, engines, 
     """--dtype auto (the default): bfloat16 on a CPU with AVX512-BF16 / AMX, float32 elsewhere; the
     tokens are those of an engine loaded in that dtype."""
     import torch
+
     from dllm.runtime import Engine, engine
     from dllm.runtime.device import native_bf16, resolve_dtype
     want = torch.bfloat16 if native_bf16("cpu") else torch.float32

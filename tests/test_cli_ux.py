@@ -18,6 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
 from dllm.apps.generate.main import StepBar, build_parser
 from dllm.apps.main import main
 from dllm.runtime import Request

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from dllm.apps import export as ex
 from dllm.apps.main import main
 from dllm.runtime import DualCache, RequestError

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from dllm.runtime import D2Cache, Engine, RequestError, make_policy
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.d2cache import (
@@ -20,7 +21,6 @@ from dllm.runtime.policy.d2cache import (
     row_mask,
 )
 from dllm.runtime.state import Cache, RequestShape, StepState
-
 from tests.test_cache import NoHostSync
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]

@@ -2,6 +2,7 @@
 literal transcription of the reference samplers (LLaDA generate.py, Dream _sample) at temperature 0."""
 import pytest
 import torch
+
 from dllm.models.layers import forward
 from dllm.runtime import DecodeConfig, RequestError
 from dllm.runtime.decoding import choose, commit_counts, dream_block_counts, dream_reveal_probs, llada_block_counts

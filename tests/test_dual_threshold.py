@@ -3,12 +3,13 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.dual_cache import dual_logits
 from dllm.runtime.state import Cache, RequestShape, StepState
 from dllm.runtime.steps import block_logits, full_forward, full_step
-from torch.utils._python_dispatch import TorchDispatchMode
 
 PROMPTS = [[5, 9, 33, 40, 41, 7, 8], [77, 12], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 ALL_POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25), D2Cache(k=4, attn_budget=4), DualCache()]

@@ -2,6 +2,7 @@
 option including a threshold, and default prompt buckets round up where a shape costs a compile."""
 import pytest
 import torch
+
 from dllm.graphs import backends
 from dllm.runtime import Bucket, DllmCache, Engine, NoCache, RequestError
 from dllm.runtime.engine import PROMPT_GRANULARITY

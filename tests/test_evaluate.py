@@ -10,6 +10,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from lm_eval import evaluator  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
 from dllm.apps.evaluate import DllmLM, EvalConfig, gen_shape  # noqa: E402
 from dllm.apps.main import main as cli_main  # noqa: E402
 from dllm.models.layers import forward  # noqa: E402
@@ -18,8 +21,6 @@ from dllm.perf.evaltable import DATA, task_rows  # noqa: E402
 from dllm.perf.quality import CONFIGS, answer, configuration, evaluate  # noqa: E402
 from dllm.runtime import Engine, RequestError  # noqa: E402
 from dllm.runtime.decoding import check_shape  # noqa: E402
-from lm_eval import evaluator  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained" / "arith-llada"

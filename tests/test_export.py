@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dllm.apps import export as ex
 from dllm.apps.export import package as ex_package
 from dllm.apps.export import write as ex_write

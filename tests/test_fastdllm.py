@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from dllm.models.layers import (
     apply_rope,
     attention,
@@ -45,7 +47,6 @@ from dllm.runtime import DualCache, Engine, NoCache
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.state import RequestShape, StepState
 from dllm.runtime.steps import commit
-from safetensors.torch import load_file, save_file
 
 HEAD = "model.transformer.ff_out.weight"          # LLaDA's untied LM head, on disk
 SCALES = {4: 31, 16: 12, 64: 13}                  # head scale -> seed of the tiny checkpoint

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dllm.apps.main import main
 from dllm.runtime import POLICIES, Engine, Policy
 from dllm.runtime.steps import block_logits, commit, full_step, rows_layer
@@ -219,10 +220,11 @@ def test_an_extra_policys_option_reaches_every_face(with_every_row, engines, tin
     assert rows[1]["step_kinds"] == KINDS_8 and rows[1]["agree"] == 1.0
 
     pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
     from dllm.apps.serve.app import create_app
     from dllm.apps.serve.protocol import ServeOptions
     from dllm.runtime import Request
-    from starlette.testclient import TestClient
     opts = ServeOptions("tiny", Request(gen_length=8, steps=8, block_length=8))
     with TestClient(create_app(eng, opts)) as client:
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 8, "policy": "every-row", "full_every": 4}
@@ -232,8 +234,9 @@ def test_an_extra_policys_option_reaches_every_face(with_every_row, engines, tin
         assert r.status_code == 400 and r.json()["error"]["param"] == "full_every"
 
     pytest.importorskip("lm_eval")
-    from dllm.apps.evaluate import DllmLM
     from lm_eval.api.instance import Instance
+
+    from dllm.apps.evaluate import DllmLM
     lm = DllmLM(engine=eng, policy="every-row", full_every="4", gen_length=8, steps=8, report=False, baseline=False)
     lm.generate_until([Instance("generate_until", {}, ("hi", {"until": ["\n"], "max_gen_toks": 8}), 0)])
     assert dict(lm.efficiency["default"].step_kinds) == KINDS_8

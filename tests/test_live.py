@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from dllm.apps.generate.live import MASK_CELL, LiveView
 from dllm.runtime import Engine
 

@@ -4,6 +4,7 @@ an old package untouched). Every package carries a sha256 manifest of its files.
 from dataclasses import dataclass
 
 import pytest
+
 from dllm.apps import export as ex
 from dllm.runtime import NoCache
 

@@ -35,10 +35,11 @@ import torch
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
 from dllm.models import load_checkpoint  # noqa: E402
 from dllm.models.layers import forward  # noqa: E402
 from dllm.models.tiny import write_tiny  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 FAMILIES = ("llada", "dream")
 ATOL = 1e-4          # fp32 parity with HF
@@ -383,8 +384,9 @@ def test_dream_step_runs_on_efficient_sdpa_kernels(tiny_dirs, dtype):
     """On CUDA, a Dream generation (every dual-cache step kind: full and partial rows) runs with SDPA
     restricted to the memory-efficient and flash kernels: a fallback to the math kernel raises
     instead of silently costing an fp32 upcast in every layer. Tokens equal the unrestricted run."""
-    from dllm.runtime import DualCache, Engine
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dllm.runtime import DualCache, Engine
     eng = Engine.from_pretrained(tiny_dirs["dream"], device="cuda", dtype=dtype, backend="eager")
     kw = dict(gen_length=16, steps=16, block_length=8, prompt_bucket=16, policy=DualCache())
     free = eng.generate([5, 6, 7, 8, 9], **kw)

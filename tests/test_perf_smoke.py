@@ -1,6 +1,7 @@
 """The perf commands run end to end (on the tiny preset, so CI stays fast) and print what they claim."""
 import pytest
 import torch
+
 from dllm.perf import e2e, steps
 
 

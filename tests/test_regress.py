@@ -2,6 +2,7 @@
 import json
 
 import pytest
+
 from dllm.perf import regress
 
 

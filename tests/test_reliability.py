@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from dllm.apps.main import main
 from dllm.runtime import Bucket, D2Cache, DllmCache, DualCache, Engine, NoCache, RequestError
 from dllm.runtime.engine import FifoLock
-from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(gen_length=8, steps=8, prompt_bucket=8)

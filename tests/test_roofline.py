@@ -1,13 +1,14 @@
 """The FLOP / byte model of perf.roofline against what the step bodies really do."""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
 from dllm.perf.roofline import Peaks, kind_cost, layer_cost, markdown, roofline_rows
 from dllm.runtime import POLICIES
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.base import LayerWork
 from dllm.runtime.state import RequestShape
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 FAMILIES = ("llada", "dream")
 

@@ -223,6 +223,7 @@ def test_bad_start_up_is_one_line(capsys, tmp_path):
 def correct_pairs(n: int) -> list[tuple[str, str]]:
     """n held-out prompts the model answers correctly (checked here on an engine of our own)."""
     import torch
+
     from dllm.models.train_tiny import held_out
     from dllm.runtime import Engine
     threads = torch.get_num_threads()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from dllm.runtime import D2Cache, DllmCache, DualCache, Engine, NoCache
 
 GENERATIONS = 1000

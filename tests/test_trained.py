@@ -4,11 +4,12 @@ training is reproducible."""
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+
 from dllm.models import load_checkpoint
 from dllm.models.train_tiny import TASKS, held_out, make_example, split, train, training_examples
 from dllm.perf.quality import answer, evaluate
 from dllm.runtime import DllmCache, Engine, NoCache
-from safetensors.torch import load_file
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained" / "arith-llada"
 # Floor for NoCache exact match on the first 60 held-out prompts. The shipped model scores 100 % there

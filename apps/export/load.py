@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from dllm.models.memory import available_bytes
 from dllm.runtime import RequestError
 from dllm.runtime.decoding import check_shape

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+
 from dllm.runtime import RequestError
 
 FORMATS = ("torchscript", "aoti")

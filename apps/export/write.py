@@ -45,6 +45,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+
 from dllm.models.checkpoint import Weights
 from dllm.runtime import Request, RequestError
 from dllm.runtime.prepared import Prepared, named_tensors

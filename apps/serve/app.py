@@ -6,8 +6,6 @@ import dataclasses
 import json
 
 import anyio
-from dllm.models.config import CheckpointError
-from dllm.runtime import Engine, RequestError, StepEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -15,6 +13,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from dllm.models.config import CheckpointError
+from dllm.runtime import Engine, RequestError, StepEvent
 
 from .metrics import Metrics
 from .protocol import ApiError, Reply, ServeOptions, bad, final_prefix, parse_request, usage

@@ -34,6 +34,7 @@ import sys
 from dataclasses import replace
 
 import uvicorn
+
 from dllm.apps.common import engine_args, engine_from_args, expected_errors, request_args, request_from_args
 from dllm.runtime import Bucket, RequestError
 from dllm.runtime.request import DECODING_OPTIONS

@@ -6,12 +6,13 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+from starlette.responses import JSONResponse
+
 from dllm.models.config import CheckpointError
 from dllm.runtime import Bucket, Generation, Request, RequestError
 from dllm.runtime.options import policy_option_names, request_options
 from dllm.runtime.request import OPTION_FIELDS
 from dllm.runtime.text import Text
-from starlette.responses import JSONResponse
 
 # OpenAI fields this server accepts only at their default (it has one sequence, no logprobs, no penalties)
 INERT_FIELDS = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False, 0),

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
 from dllm.models.config import ModelConfig
 from dllm.models.layers import head
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
 from dllm.models.layers import head, rms_norm, values
 
 from ..errors import RequestError

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from dllm.models.layers import head
 
 from ..steps import commit, embed_rows, full_step, rows_layer
