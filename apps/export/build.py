@@ -15,7 +15,7 @@ def build_runner(build_dir: str | Path | None = None) -> Path:
     if missing:
         raise RuntimeError(f"no {' or '.join(missing)} on this machine: the C++ runner cannot be built")
     src = Path(__file__).resolve().parent / "cpp"
-    build = Path(build_dir) if build_dir else src.parents[3] / "build" / "cpp"
+    build = Path(build_dir) if build_dir else src.parents[2] / "build" / "cpp"
     for cmd in (["cmake", "-S", str(src), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                  "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", str(build), "-j2"]):
         res = subprocess.run(cmd, capture_output=True, text=True)
