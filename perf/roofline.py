@@ -29,6 +29,7 @@ from dllm.runtime.state import RequestShape
 class Cost:
     flops: float            # floating-point operations of one step (a multiply-add counts 2)
     bytes: float            # bytes one step must move at least once
+    cache: float = 0.0      # the part of bytes that is one batch row's cache traffic (the rest: weights)
 
 
 def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
@@ -40,7 +41,7 @@ def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
     flops += 2 * r * qw * d + 6 * r * d * F                         # output projection, SwiGLU FFN
     weights = ((qw + kw) * d + qw * d + 3 * d * F if r else 0) + (kw * d if v else 0)
     cache = (2 * L * kw if r else 0) + 2 * r * kw + v * kw + 2 * r * d   # read K/V; write the rows' K, V, A, M
-    return Cost(flops, (weights + cache) * elt)
+    return Cost(flops, (weights + cache) * elt, cache * elt)
 
 
 def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, kind: str,
@@ -50,8 +51,10 @@ def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, 
     L, B, Bl = shape.length, shape.batch, shape.block_length
     layers = [layer_cost(cfg, L, lw, elt) for lw in policy.work(cfg, shape, kmax, kind)]
     head_flops, head_bytes = 2 * Bl * cfg.d_model * cfg.vocab_size, cfg.d_model * cfg.vocab_size * elt
-    weight_bytes = sum(c.bytes for c in layers)   # weights are read once per step whatever the batch
-    return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + head_bytes)
+    weight_bytes = sum(c.bytes - c.cache for c in layers)      # read once per step whatever the batch
+    cache_bytes = B * sum(c.cache for c in layers)             # every batch row's own keys, values, deltas
+    return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + cache_bytes + head_bytes,
+                cache_bytes)
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ def commit_counts(s: DecodeStructure, gen_length: int, block_length: int, steps:
 
 def _top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
     """Keep the smallest prefix of the sorted distribution whose mass exceeds top_p (always the top
-    token); top_p a float or a 0-dim tensor."""
+    token); top_p a float or a tensor broadcastable to [B, R, 1]."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop_sorted = torch.cat([torch.zeros_like(cum[..., :1], dtype=torch.bool), (cum > top_p)[..., :-1]], dim=-1)
@@ -209,8 +209,8 @@ def _top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
 
 
 def _top_k_filter(logits: torch.Tensor, top_k) -> torch.Tensor:
-    """Keep the logits >= the top_k-th largest; top_k an int or a 0-dim int64 tensor (then the k-th value
-    is read from a full sort by rank, so one static shape serves every k)."""
+    """Keep the logits >= the top_k-th largest; top_k an int or an int64 tensor broadcastable to [B, R, 1]
+    (then the k-th value is read from a full sort by rank, so one static shape serves every k)."""
     if isinstance(top_k, torch.Tensor):
         ranked = logits.sort(dim=-1, descending=True).values                       # [B, R, V]
         k = (top_k.clamp(1, logits.shape[-1]) - 1).expand(*logits.shape[:-1], 1)
@@ -234,7 +234,7 @@ def _choose_llada(s: DecodeStructure, logits, noise, unif, raw, values, cdtype):
 def _choose_dream(s: DecodeStructure, logits, noise, unif, raw, values, cdtype):
     temperature, top_p, top_k = values
     if s.sampled:
-        logits = logits / temperature
+        logits = logits / (temperature.to(logits.dtype) if isinstance(temperature, torch.Tensor) else temperature)
     if s.top_p:
         logits = _top_p_filter(logits, top_p)
     if s.top_k:
@@ -264,8 +264,8 @@ def choose(s: DecodeStructure, logits: torch.Tensor, noise: torch.Tensor | None,
     noise [B, R, V]: uniforms (LLaDA Gumbel, float64) or Exp(1) draws (Dream sampling), refilled by the
     caller each step; unif [B, R]: uniforms for LLaDA 'random' remasking. raw [B, R, V]: the logits in
     the model's dtype (None: logits), used when confidence_dtype is "logits". values: the request's
-    (temperature, top_p, top_k), numbers or 0-dim tensors (a StepState's); s only decides which paths
-    exist."""
+    (temperature, top_p, top_k), numbers or per-row tensors [B, 1, 1] (a StepState's); s only decides
+    which paths exist."""
     cdtype = torch.float64 if s.confidence_dtype == "float64" else (raw if raw is not None else logits).dtype
     return FAMILY_DECODING[s.family].choose(s, logits, noise, unif, raw, values, cdtype)
 

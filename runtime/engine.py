@@ -26,7 +26,7 @@ from . import scheduler
 from .decoding import DecodeConfig, DecodeStructure, check_shape
 from .device import resolve_device, resolve_dtype
 from .errors import RequestError
-from .observe import StepEvent, counted, observed
+from .observe import BlockEvent, BlockReader, StepEvent, counted, observed
 from .policy import NoCache, Policy
 from .prepared import Prepared
 from .request import DECODING_OPTIONS, Bucket, GenerationDefaults, Request
@@ -90,17 +90,31 @@ class FifoLock:
             self._cv.notify_all()
 
 
+ON_DEMAND = ("nothing", "options", "shapes")
+
+
+def on_demand_mode(v) -> str:
+    """prepare_on_demand as one of ON_DEMAND (True is "shapes", False "nothing")."""
+    if isinstance(v, bool):
+        return "shapes" if v else "nothing"
+    if v not in ON_DEMAND:
+        raise RequestError(f"prepare_on_demand must be True, False or one of {', '.join(ON_DEMAND)}, got {v!r}")
+    return v
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, folder: Path | None = None,
                  device="cpu", dtype=torch.float32, trust_remote_code: bool = False, backend: str | None = None,
-                 buckets=None, policies=None, decoding: dict | None = None, prepare_on_demand: bool | None = None,
+                 buckets=None, policies=None, decoding: dict | None = None, prepare_on_demand: bool | str | None = None,
                  max_prepared: int | None = 32, max_prepared_bytes: int | None = None, keep_faster: bool = True,
                  defaults: GenerationDefaults | None = None):
         """backend: eager | compile | cudagraph | compile+cudagraph (default: the fastest on the device).
         buckets: Bucket list prepared (compiled / captured) now, for each policy in `policies` (default
         NoCache) and the `decoding` options (default greedy); `prepare_seconds` reports the time.
-        prepare_on_demand: prepare unseen shapes at request time (default: only when no buckets given);
-        when False, a request that fits no prepared bucket is refused.
+        prepare_on_demand: what a request may prepare when it needs it: "shapes" (anything: True), "options"
+        (a declared bucket's shape with any decoding structure or policy, kept while the LRU bounds allow)
+        or "nothing" (False: only what the buckets prepared). Default: "shapes" without buckets, else
+        "nothing". A request it does not allow is refused, naming what to declare.
         max_prepared / max_prepared_bytes: bound what the engine keeps: beyond either limit the least
         recently used prepared request (buffers, compiled and captured steps) is released; declared
         buckets are never evicted (Engine.free releases everything).
@@ -113,7 +127,7 @@ class Engine:
         self.defaults = defaults or GenerationDefaults()
         self.text = Text(cfg, folder, trust_remote_code)
         self.backend = backends.check(backend or backends.default_backend(self.device), self.device)
-        self.prepare_on_demand = buckets is None if prepare_on_demand is None else prepare_on_demand
+        self.prepare_on_demand = on_demand_mode(buckets is None if prepare_on_demand is None else prepare_on_demand)
         self._lock = FifoLock()                        # generate / prepare: one at a time, in order
         self._pool = GraphPool(self.device) if "cudagraph" in self.backend else None
         self._store = PreparedStore(max_prepared, max_prepared_bytes, self._release)
@@ -121,7 +135,7 @@ class Engine:
         self.prepare_seconds = 0.0
         for b in buckets or []:
             for pol in policies or [NoCache()]:
-                self.prepare_seconds += self.prepare(b, pol, **(decoding or {}))
+                self.prepare(b, pol, **(decoding or {}))
 
     @classmethod
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
@@ -223,6 +237,7 @@ class Engine:
             seconds = self.prepare_steps(self.prepared(shape, s, policy), policy.kinds)
             if bucket not in self.buckets:
                 self.buckets.append(bucket)
+        self.prepare_seconds += seconds
         return seconds
 
     # ------------------------------------------------------------------ shapes
@@ -246,38 +261,54 @@ class Engine:
                                f"the response")
 
     def _pick_shape(self, batch: int, longest: int, req: Request, s: DecodeStructure) -> RequestShape:
+        """The shape a request of `batch` rows runs in: the smallest prepared bucket that fits (a batch
+        bucket may be larger: the rows are then padded), else a new shape when preparing on demand."""
         G, P = req.gen_length, req.prompt_bucket
         if P is not None and longest > P:
             raise RequestError(f"prompt has {longest} tokens but the prompt bucket holds {P}; "
-                               f"use a bucket of at least {longest} or shorten the prompt")
-        fits = [b for b in self.buckets if b.batch == batch and b.gen_length == G and b.steps == req.steps
+                               f"use a bucket of at least {longest} or shorten the prompt", "prompt_bucket")
+        fits = [b for b in self.buckets if b.batch >= batch and b.gen_length == G and b.steps == req.steps
                 and b.block == req.block_length and b.prompt >= longest and P in (None, b.prompt)]
-        for b in sorted(fits, key=lambda b: b.prompt):                 # the smallest prepared bucket that fits
+        for b in sorted(fits, key=lambda b: (b.batch, b.prompt)):      # the smallest prepared bucket that fits
             shape = b.shape()
-            if (shape, s, req.policy.key(shape)) in self._store or self.prepare_on_demand:
+            if (shape, s, req.policy.key(shape)) in self._store or self.prepare_on_demand != "nothing":
                 return shape
         shape = RequestShape(batch, P or self._default_bucket(longest, G), G, req.block_length, req.steps)
         self.check_shape(shape)
-        if not self.prepare_on_demand:
+        if self.prepare_on_demand != "shapes":
             have = "; ".join(f"prompt<={b.prompt} gen {b.gen_length} steps {b.steps} block {b.block} batch {b.batch}"
                              for b in self.buckets) or "none"
+            what, allow = (("its decoding options or policy", '"options"') if fits else ("its shape", "True"))
             raise RequestError(
-                f"no prepared bucket fits this request (batch {batch}, prompt {longest} tokens, gen {G}, steps "
-                f"{req.steps}, block {req.block_length}, policy {req.policy.name}); prepared buckets: {have}. Add a "
-                f"bucket for it (Engine(buckets=[Bucket(...)], policies=[...], decoding={{...}})) or allow "
-                f"preparing on demand (prepare_on_demand=True)")
+                f"no prepared bucket fits this request ({what}: batch {batch}, prompt {longest} tokens, gen {G}, "
+                f"steps {req.steps}, block {req.block_length}, policy {req.policy.name}); prepared buckets: {have}. "
+                f"Add a bucket for it (Engine(buckets=[Bucket(...)], policies=[...], decoding={{...}})) or allow "
+                f"preparing on demand (prepare_on_demand={allow})", "decoding" if fits else "gen_length")
         return shape
+
+    def check(self, request: Request) -> RequestShape:
+        """Everything generate would refuse before running, without running or allocating anything:
+        returns the shape the request would run in."""
+        req = request.resolved(self.defaults)
+        req.shape_check()
+        s = req.check(self.cfg).structure
+        prompts = self.text.prompt_ids(req.prompt, req.chat)
+        return self._pick_shape(len(prompts), max(len(p) for p in prompts), req, s)
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompt=None, /, *, on_step: Callable[[StepEvent], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None, **options) -> Generation:
+                 progress: Callable[[int, int], None] | None = None,
+                 on_block: Callable[[BlockEvent], None] | None = None, **options) -> Generation:
         """Generate for a Request, or for a prompt and Request's options as keywords (gen_length, steps,
         block_length, prompt_bucket, remasking, alg, temperature, top_p, top_k, threshold,
         confidence_dtype, policy, seed, chat, stop, text_tokens); lengths left out take the model's defaults.
-        on_step: called after every step with a StepEvent; only then is the canvas read back per step.
         progress(launched, planned): called after each step is launched, host-side only (no device read;
         on a GPU the device may still be working on it); planned is the most steps the request can take.
+        Raising from it stops the generation between two steps.
+        on_block: called with a BlockEvent once each block is final (one read per block; on CUDA without
+        waiting for the device). on_step: called after every step with a StepEvent (the canvas is read
+        back and the device synchronised after every step: for watching, not for serving).
         Safe to call from many threads: requests run one at a time, in arrival order."""
         if isinstance(prompt, Request):
             if options:
@@ -287,46 +318,99 @@ class Engine:
         else:
             request = Request(prompt, **options)
         with self._lock:
-            return self._run(request, on_step, progress)
+            return self._run([request], on_step, progress, on_block)[0]
 
-    def _run(self, request: Request, on_step, progress) -> Generation:
+    def generate_batch(self, requests: list[Request], *, progress: Callable[[int, int], None] | None = None,
+                       on_block: Callable[[BlockEvent], None] | None = None) -> list[Generation]:
+        """Run single-prompt requests together as one batch, one Generation each: each row keeps its own
+        prompt, seed and decoding values, and gets the tokens it gets alone. They must share lengths,
+        prompt bucket, policy and decoding structure (RequestError otherwise). on_block events hold one
+        row per request, in order."""
+        if not requests or not all(isinstance(r, Request) for r in requests):
+            raise RequestError("generate_batch takes a non-empty list of Request objects")
+        with self._lock:
+            return self._run(list(requests), None, progress, on_block)
+
+    def _rows(self, reqs: list[Request]) -> tuple[list[list[int]], int | list[int], list, list[int]]:
+        """(prompt rows, seed(s), decoding values per row, rows per request) of requests that may share
+        one batch; a batch of several requests gives every row its own seed."""
+        cfg, first = self.cfg, reqs[0]
+        same = ("gen_length", "steps", "block_length", "prompt_bucket", "policy")
+        rows, values, counts = [], [], []
+        for r in reqs:
+            dc = r.check(cfg)
+            if r is not first and (any(getattr(r, k) != getattr(first, k) for k in same)
+                                   or dc.structure != first.decode_config(cfg.family).structure):
+                raise RequestError(f"requests run as one batch must share {', '.join(same)} and the decoding "
+                                   f"structure (sampling, top-p, top-k, threshold on or off)")
+            ids = self.text.prompt_ids(r.prompt, r.chat)
+            if len(reqs) > 1 and (len(ids) != 1 or not isinstance(r.seed, int)):
+                raise RequestError("generate_batch runs single-prompt requests, each with one integer seed")
+            rows += ids
+            values += [dc.values] * len(ids)
+            counts.append(len(ids))
+        seed = first.seed if len(reqs) == 1 else [r.seed for r in reqs]
+        if isinstance(seed, tuple):
+            seed = list(seed)
+        return rows, seed, values, counts
+
+    def _run(self, requests: list[Request], on_step, progress, on_block) -> list[Generation]:
         cfg = self.cfg
-        req = request.resolved(self.defaults)
-        req.shape_check()
-        s = req.check(cfg).structure
-        prompts = self.text.prompt_ids(req.prompt, req.chat)
-        shape = self._pick_shape(len(prompts), max(len(p) for p in prompts), req, s)
-        prep = self.prepared(shape, s, req.policy)
-        plan = None if s.threshold else req.policy.plan(req.steps, req.steps // shape.n_blocks)
-        kinds_needed = [k for k in req.policy.kinds if plan is None or k in plan]
+        reqs = [r.resolved(self.defaults) for r in requests]
+        for r in reqs:
+            r.shape_check()
+        first = reqs[0]
+        s = first.check(cfg).structure
+        prompts, seed, values, counts = self._rows(reqs)
+        n = len(prompts)
+        shape = self._pick_shape(n, max(len(p) for p in prompts), first, s)
+        pad = shape.batch - n                       # a larger batch bucket: rows copied from the first one
+        prompts, values = prompts + [prompts[0]] * pad, values + [values[0]] * pad
+        if isinstance(seed, list):
+            seed = seed + [seed[0]] * pad
+        prep = self.prepared(shape, s, first.policy)
+        spb = first.steps // shape.n_blocks
+        plan = None if s.threshold else first.policy.plan(first.steps, spb)
+        kinds_needed = [k for k in first.policy.kinds if plan is None or k in plan]
         prepare_seconds = self.prepare_steps(prep, kinds_needed)
         st = prep.state
         step_fns = {k: with_noise(st, prep.steps[k]) for k in kinds_needed}
+        reader = BlockReader(st, n, on_block) if on_block is not None else None
+        if reader is not None:
+            step_fns = reader.watched(step_fns)
         if on_step is not None:
             step_fns = observed(step_fns, st, on_step, cfg.mask_id, self._sync)
         if progress is not None:
-            step_fns = counted(step_fns, progress, req.steps if plan is None else len(plan))
+            step_fns = counted(step_fns, progress, first.steps if plan is None else len(plan))
 
         with torch.inference_mode():
             self._sync()
             t0 = time.perf_counter()
-            prep.fill(cfg, prompts, req.seed)
-            st.write_values(req.decode_config(cfg.family).values)
+            prep.fill(cfg, prompts, seed)
+            st.write_values(values)
+            done = reader.block_done if reader is not None else None
             if plan is None:
-                kinds = scheduler.run_until_done(req.policy.kind_at, step_fns, lambda: int(st.block.item()),
-                                                 shape.n_blocks, shape.block_length)
+                kinds = scheduler.run_until_done(first.policy.kind_at, step_fns, lambda: int(st.block.item()),
+                                                 shape.n_blocks, shape.block_length, done)
             else:
-                kinds = scheduler.run(plan, step_fns)
-            out = st.tokens[:, shape.prompt_bucket:].cpu().tolist()
+                kinds = scheduler.run(plan, step_fns, spb, done)
+            out = st.tokens[:n, shape.prompt_bucket:].cpu().tolist()
             t1 = time.perf_counter()
-        gen = Generation(tokens=out, text=None, steps=sum(kinds.values()), step_kinds=dict(kinds), seconds=t1 - t0,
-                         backend=self.backend, prepare_seconds=prepare_seconds)
-        if self.text.usable() is not None:
-            rows = [self.text.response(ids[:req.text_tokens], req.stop) for ids in out]
-            gen.text = [r.text for r in rows]
-            gen.finish_reasons = [r.finish_reason for r in rows]
-            gen.completion_tokens = [r.tokens for r in rows]
-        return gen
+            if reader is not None:
+                reader.deliver(wait=True)
+        gens, lo = [], 0
+        for r, c in zip(reqs, counts):
+            rows = out[lo:lo + c]
+            lo += c
+            gen = Generation(tokens=rows, text=None, steps=sum(kinds.values()), step_kinds=dict(kinds),
+                             seconds=t1 - t0, backend=self.backend, prepare_seconds=prepare_seconds)
+            if self.text.usable() is not None:
+                texts = [self.text.response(ids[:r.text_tokens], r.stop) for ids in rows]
+                gen.text = [t.text for t in texts]
+                gen.finish_reasons = [t.finish_reason for t in texts]
+                gen.completion_tokens = [t.tokens for t in texts]
+            gens.append(gen)
+        return gens
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -1,10 +1,14 @@
-"""Watching a generation from the host: a StepEvent after each step (on_step: the canvas is read back
-then), or a host-side count of launched steps (progress: no device read)."""
+"""Watching a generation from the host: a host-side count of launched steps (progress: no device read;
+raising from it stops the generation between two steps), a BlockEvent per finished block (on_block: one
+read per block, without stalling the device where it can), or a StepEvent after each step (on_step: the
+canvas is read back, the device synchronised, after every step)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from .state import StepState
 
@@ -55,3 +59,53 @@ def observed(step_fns: dict, st: StepState, on_step: Callable[[StepEvent], None]
             seen["prev"], seen["t"] = canvas, time.perf_counter()
         return step
     return {k: wrap(k, fn) for k, fn in step_fns.items()}
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """What an on_block observer receives once a block is final (every position of it committed)."""
+    index: int                      # the block (0-based)
+    tokens: list[list[int]]         # [B][(index + 1) * block_length] the response up to the end of that block
+
+
+class BlockReader:
+    """Reads each finished block back once. On CUDA the copy goes into pinned host memory on the device's
+    stream and is delivered when its event has passed, checked after each later step launch, so the host
+    never waits for the device mid-generation; elsewhere the copy is immediate."""
+
+    def __init__(self, st: StepState, rows: int, on_block: Callable[[BlockEvent], None]):
+        self.st, self.rows, self.on_block = st, rows, on_block
+        self.cuda = st.tokens.device.type == "cuda"
+        self.host = torch.empty(st.shape.batch, st.shape.gen_length, dtype=torch.int64, pin_memory=self.cuda)
+        self.pending: list[tuple[int, object]] = []
+
+    def block_done(self, b: int) -> None:
+        Bl, P = self.st.shape.block_length, self.st.shape.prompt_bucket
+        self.host[:, b * Bl:(b + 1) * Bl].copy_(self.st.tokens[:, P + b * Bl:P + (b + 1) * Bl],
+                                                  non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((b, event))
+        self.deliver(wait=False)
+
+    def deliver(self, wait: bool) -> None:
+        """Hand over every pending block whose copy has landed (all of them when wait)."""
+        while self.pending:
+            b, event = self.pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self.pending.pop(0)
+            self.on_block(BlockEvent(b, self.host[:self.rows, :(b + 1) * self.st.shape.block_length].tolist()))
+
+    def watched(self, step_fns: dict) -> dict:
+        """Step functions that deliver landed blocks after each launch."""
+        def wrap(fn):
+            def step():
+                fn()
+                self.deliver(wait=False)
+            return step
+        return {k: wrap(fn) for k, fn in step_fns.items()}

@@ -51,7 +51,8 @@ class Request:
         "rank and threshold p(x0) in float64 (as Fast-dLLM; default) or in the logits' own dtype (as the "
         "official LLaDA sampler and dLLM-Cache: reproduces them tie for tie at bf16)", choices=CONFIDENCE_DTYPES))
     policy: Policy = field(default_factory=NoCache, metadata=_opt("cache policy (None: NoCache)"))
-    seed: int = field(default=0, metadata=_opt("seed of the sampling noise"))
+    seed: int | tuple[int, ...] = field(default=0, metadata=_opt(
+        "seed of the sampling noise: one stream for the batch, or a list with one seed per prompt row"))
     chat: bool = field(default=False, metadata=_opt("wrap text prompts in the model folder's chat template"))
     stop: tuple[str, ...] = field(default=(), metadata=_opt("stop sequences: the text ends before the first one"))
     text_tokens: int | None = field(default=None, metadata=_opt(
@@ -75,8 +76,12 @@ class Request:
             hint = f"; use make_policy({self.policy!r})" if isinstance(self.policy, str) else ""
             raise RequestError(f"policy must be a Policy object (NoCache(), DllmCache(...), ...), got "
                                f"{type(self.policy).__name__} {self.policy!r}{hint}", "policy")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
-            raise RequestError(f"seed must be an integer in [0, 2**64), got {self.seed!r}", "seed")
+        seeds = self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 64 for s in seeds):
+            raise RequestError(f"seed must be an integer in [0, 2**64) or a list of them (one per prompt), got "
+                               f"{self.seed!r}", "seed")
+        if isinstance(self.seed, list):
+            object.__setattr__(self, "seed", tuple(self.seed))
         if not isinstance(self.chat, bool):
             raise RequestError(f"chat must be True or False, got {self.chat!r}", "chat")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -135,6 +140,7 @@ class GenerationDefaults:
     gen_length: int = DEFAULT_GEN_LENGTH
     steps: int | None = None
     block_length: int | None = None
+    from_file: bool = False         # read from the folder's generation_config.json (else the built-in 128)
 
     @staticmethod
     def read(folder: Path | None) -> "GenerationDefaults":
@@ -158,7 +164,7 @@ class GenerationDefaults:
             check_shape(G, got["block_length"] or G, got["steps"] or G)
         except RequestError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        return GenerationDefaults(G, got["steps"], got["block_length"])
+        return GenerationDefaults(G, got["steps"], got["block_length"], from_file=True)
 
 
 @dataclass(frozen=True)

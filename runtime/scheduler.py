@@ -11,10 +11,12 @@ from typing import Callable
 
 
 def run_until_done(kind_at: Callable[[int, int], str], steps: dict[str, Callable[[], None]],
-                   block: Callable[[], int], n_blocks: int, max_steps_per_block: int) -> Counter:
+                   block: Callable[[], int], n_blocks: int, max_steps_per_block: int,
+                   block_done: Callable[[int], None] | None = None) -> Counter:
     """Threshold decoding: the number of steps per block depends on the data. After each step the host
     reads one value, the device's block counter (the step that empties a block advances it); that is
-    the only read, and it is the price of a data-dependent step count."""
+    the only read, and it is the price of a data-dependent step count. block_done(b) is called once
+    block b is finished."""
     kinds: Counter = Counter()
     n = 0
     for b in range(n_blocks):
@@ -24,6 +26,8 @@ def run_until_done(kind_at: Callable[[int, int], str], steps: dict[str, Callable
             steps[kind]()
             kinds[kind] += 1
             if block() > b:
+                if block_done is not None:
+                    block_done(b)
                 break
         else:
             raise RuntimeError(f"block {b} still has masks after {max_steps_per_block} steps; every threshold "
@@ -31,11 +35,16 @@ def run_until_done(kind_at: Callable[[int, int], str], steps: dict[str, Callable
     return kinds
 
 
-def run(plan: list[str], steps: dict[str, Callable[[], None]]) -> Counter:
-    """Run each step kind of the plan in order; returns how many steps of each kind ran."""
+def run(plan: list[str], steps: dict[str, Callable[[], None]], steps_per_block: int | None = None,
+        block_done: Callable[[int], None] | None = None) -> Counter:
+    """Run each step kind of the plan in order; returns how many steps of each kind ran. block_done(b),
+    if given, is called after the last step of block b was launched (a fixed schedule empties a block
+    in its steps_per_block steps)."""
     unknown = set(plan) - set(steps)
     if unknown:
         raise ValueError(f"plan uses step kinds {sorted(unknown)} with no step function")
-    for kind in plan:
+    for n, kind in enumerate(plan, 1):
         steps[kind]()
+        if block_done is not None and n % steps_per_block == 0:
+            block_done(n // steps_per_block - 1)
     return Counter(plan)

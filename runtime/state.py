@@ -64,12 +64,13 @@ class StepState:
     commit_valid: torch.Tensor      # [B, kmax] bool   which of them were committed
     noise: torch.Tensor | None      # [B, Bl, V] sampling noise (float64 for LLaDA, fp32 for Dream)
     unif: torch.Tensor | None       # [B, Bl] fp32   per-row uniforms (LLaDA random, Dream origin)
-    generator: torch.Generator
-    # The request's sampling values (0-dim): one prepared request serves every value of its structure.
-    temperature: torch.Tensor       # float64
-    top_p: torch.Tensor             # fp32
-    top_k: torch.Tensor             # int64
-    threshold: torch.Tensor         # float64
+    generators: list[torch.Generator]   # [B] one per row (rows with their own seeds), or only [0] used
+    # The request's decoding values, per row: one prepared request serves every value of its structure.
+    temperature: torch.Tensor       # [B, 1, 1] float64
+    top_p: torch.Tensor             # [B, 1, 1] fp32
+    top_k: torch.Tensor             # [B, 1, 1] int64
+    threshold: torch.Tensor         # [B, 1] float64
+    row_seeds: bool = False         # the last fill gave each row its own seed (else one stream for the batch)
     STATIC: ClassVar[tuple[str, ...]] = ("counts", "reveal_prob", "block_pos", "k_range",   # no step writes these
                                          "temperature", "top_p", "top_k", "threshold")
 
@@ -105,27 +106,36 @@ class StepState:
             commit_valid=torch.zeros(B, kmax, dtype=torch.bool, device=device),
             noise=noise,
             unif=torch.empty(B, Bl, device=device) if s.random_per_row else None,
-            generator=torch.Generator() if torch.device(device).type == "meta" else torch.Generator(device=device),
-            temperature=torch.zeros((), dtype=torch.float64, device=device),
-            top_p=torch.ones((), device=device),
-            top_k=torch.zeros((), **i64),
-            threshold=torch.ones((), dtype=torch.float64, device=device),
+            generators=[torch.Generator() if torch.device(device).type == "meta" else torch.Generator(device=device)
+                        for _ in range(B)],
+            temperature=torch.zeros(B, 1, 1, dtype=torch.float64, device=device),
+            top_p=torch.ones(B, 1, 1, device=device),
+            top_k=torch.zeros(B, 1, 1, **i64),
+            threshold=torch.ones(B, 1, dtype=torch.float64, device=device),
         )
 
-    def write_values(self, v: DecodeValues) -> None:
-        """Write a request's decoding values into the 0-dim value tensors, in place."""
-        self.temperature.fill_(v.temperature)
-        self.top_p.fill_(v.top_p)
-        self.top_k.fill_(v.top_k)
-        self.threshold.fill_(v.threshold)
+    def write_values(self, v: DecodeValues | list[DecodeValues]) -> None:
+        """Write decoding values into the value tensors, in place: one for every row, or one per row."""
+        rows = v if isinstance(v, list) else [v] * self.shape.batch
+        if len(rows) != self.shape.batch:
+            raise RequestError(f"{len(rows)} decoding values for a state of batch {self.shape.batch}")
+        for name in ("temperature", "top_p", "top_k", "threshold"):
+            t = getattr(self, name)
+            t.copy_(torch.tensor([getattr(r, name) for r in rows], dtype=t.dtype).view(t.shape))
 
-    def fill(self, cfg: ModelConfig, prompts: list[list[int]], seed: int) -> None:
-        """Load a request into the buffers in place: left-padded prompts, masked response, step 0."""
+    def fill(self, cfg: ModelConfig, prompts: list[list[int]], seed: int | list[int]) -> None:
+        """Load a request into the buffers in place: left-padded prompts, masked response, step 0. seed: one
+        random stream for the whole batch (an int), or one per row (a list: each row then draws what it
+        would draw alone, so rows of different requests can share a batch)."""
         B, P = self.shape.batch, self.shape.prompt_bucket
         if len(prompts) != B:
             raise RequestError(f"{len(prompts)} prompts for a state of batch {B}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-            raise RequestError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        seeds = seed if isinstance(seed, list) else [seed]
+        if isinstance(seed, list) and len(seed) != B:
+            raise RequestError(f"{len(seed)} seeds for a batch of {B} prompts")
+        for sd in seeds:
+            if isinstance(sd, bool) or not isinstance(sd, int) or not 0 <= sd < 2 ** 64:
+                raise RequestError(f"seed must be an integer in [0, 2**64), got {sd!r}", "seed")
         padded = torch.full((B, P), cfg.pad_id, dtype=torch.int64)
         n_pad = torch.empty(B, dtype=torch.int64)
         for b, ids in enumerate(prompts):
@@ -133,7 +143,9 @@ class StepState:
             n_pad[b] = pad
             padded[b, pad:] = torch.tensor(ids, dtype=torch.int64)
         self.load(cfg, padded.to(self.tokens.device), n_pad.to(self.tokens.device))
-        self.generator.manual_seed(seed)
+        self.row_seeds = isinstance(seed, list)
+        for g, sd in zip(self.generators, seeds):
+            g.manual_seed(sd)
 
     def load(self, cfg: ModelConfig, padded: torch.Tensor, n_pad: torch.Tensor) -> None:
         """Tensor-only part of fill (traceable, so exported packages can load requests):
@@ -162,14 +174,17 @@ class StepState:
         return self.block_pos.index_select(0, self.block.clamp(max=self.shape.n_blocks - 1)).squeeze(0)
 
     def draw_noise(self) -> None:
-        """Refill this step's random numbers in place (no-op for greedy decoding)."""
+        """Refill this step's random numbers in place (no-op for greedy decoding): from the batch's one
+        stream, or row by row from each row's own (a row then draws what it draws alone)."""
+        rows = (list(zip(self.generators, range(self.shape.batch))) if self.row_seeds
+                else [(self.generators[0], slice(None))])
         if self.noise is not None:
-            if FAMILY_DECODING[self.structure.family].noise_draw == "uniform":
-                self.noise.uniform_(generator=self.generator)
-            else:
-                self.noise.exponential_(generator=self.generator)
+            uniform = FAMILY_DECODING[self.structure.family].noise_draw == "uniform"
+            for g, r in rows:
+                (self.noise[r].uniform_ if uniform else self.noise[r].exponential_)(generator=g)
         if self.unif is not None:
-            self.unif.uniform_(generator=self.generator)
+            for g, r in rows:
+                self.unif[r].uniform_(generator=g)
 
 
 def request_bytes(cfg: ModelConfig, shape: RequestShape, s: DecodeStructure, uses_cache: bool,

@@ -49,7 +49,7 @@ def commit(cfg: ModelConfig, st: StepState, raw: torch.Tensor, fresh: torch.Tens
     st.conf.copy_(conf)
     st.p0.copy_(p0)
     if st.structure.threshold:   # every row with p(x0) >= threshold, and the best-ranked one
-        take = is_mask & (p0 >= st.threshold)
+        take = is_mask & (p0 >= st.threshold.to(p0.dtype))          # [B, Bl] against each row's
         if fresh is not None:
             take = take & fresh
         best = conf.argmax(dim=1, keepdim=True)                       # [B, 1]

@@ -96,7 +96,7 @@ def test_backend_names_and_devices():
 def test_buckets_are_prepared_once_and_reused(tiny_dirs):
     eng = Engine.from_pretrained(tiny_dirs["llada"], backend="compile",
                                  buckets=[Bucket(prompt=12, gen_length=16, steps=16, block_length=8)])
-    assert eng.prepare_seconds > 0 and not eng.prepare_on_demand
+    assert eng.prepare_seconds > 0 and eng.prepare_on_demand == "nothing"
     out = eng.generate(PROMPTS[0], **KW["llada"])
     assert out.prepare_seconds == 0.0                      # prepared at start-up
     assert out.tokens == eng.generate(PROMPTS[0], prompt_bucket=12, **KW["llada"]).tokens

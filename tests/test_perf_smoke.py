@@ -126,3 +126,13 @@ def test_partial_step_floor_adds_the_cache(family, share):
     assert floor.partial_s > floor.weights_s
     text = floor.describe()
     assert "weights only" in text and "weights + cache" in text and "3.00 TB/s measured" in text
+
+
+def test_serve_load_prints_the_throughput_table(capsys):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from dllm.perf import serve_load
+    assert serve_load.main(["--requests", "4", "--rounds", "1", "--clients", "2", "--batches", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "every answer equal to the same request run alone: yes" in out
+    assert "| 2 | 1 |" in out and "| 2 | 2 |" in out and "H200" in out

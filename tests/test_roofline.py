@@ -50,6 +50,14 @@ def test_partial_kinds_cost_a_fraction_of_the_full_step(engines):
     assert kind_cost(cfg, shape, 1, pol, "verify", torch.bfloat16).bytes * 2 == verify.bytes
 
 
+def test_a_batch_reads_the_weights_once_and_every_row_its_cache(engines):
+    cfg = engines["llada"].cfg
+    pol = POLICIES["dual-cache"]()
+    one, eight = (kind_cost(cfg, RequestShape(B, 24, 16, 8, 16), 1, pol, "block", torch.float32) for B in (1, 8))
+    assert eight.flops == 8 * one.flops and one.cache > 0
+    assert eight.bytes - eight.cache == one.bytes - one.cache and eight.cache == 8 * one.cache
+
+
 def test_layer_cost_by_hand(engines):
     cfg = engines["llada"].cfg                                 # d 64, 4 heads (q width 64), F 160, MHA
     d, F, qw = cfg.d_model, cfg.mlp_hidden, cfg.q_width

@@ -163,7 +163,7 @@ def error_of(excinfo) -> dict:
 @pytest.mark.parametrize("kwargs, status, param, words", [
     ({"max_tokens": 8, "extra_body": {"policy": "warp"}}, 400, "policy", "unknown policy 'warp'"),
     ({"max_tokens": 0}, 400, "max_tokens", "integer >= 1"),
-    ({"max_tokens": 12}, 400, None, "no prepared bucket fits"),
+    ({"max_tokens": 12}, 400, "max_tokens", "start dllm serve with --bucket 32:12:12:12"),   # names the flag
     ({"max_tokens": 8, "extra_body": {"kp": 3}}, 400, "kp", "belongs to policy dllm-cache, not none"),
     ({"max_tokens": 8, "extra_body": {"policy": "dllm-cache", "kp": 0}}, 400, "kp", "kp must be an integer >= 1"),
     ({"max_tokens": 8, "extra_body": {"threshold": 2.0}}, 400, "threshold", "threshold must be in (0, 1]"),
@@ -199,7 +199,7 @@ def test_bad_json_and_routes(server):
 def test_metrics_parse(server):
     server.client().completions.create(model=NAME, prompt="sort 93142\n", max_tokens=8)
     m = metrics(server)
-    assert m[("dllm_step_seconds_count", (("kind", "full"),))] >= 8
+    assert m[("dllm_steps_total", (("kind", "full"),))] >= 8 and m[("dllm_step_seconds_count", ())] >= 1
     assert m[("dllm_queue_length", ())] == 0 and m[("dllm_tokens_per_second", ())] > 0
     shapes = [k for k in m if k[0] == "dllm_prepared_shape"]
     assert len(shapes) == 2 and all(m[k] == 1 for k in shapes)

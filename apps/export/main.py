@@ -31,7 +31,6 @@ def run(a) -> int:
     from dllm.apps.common import request_from_args
 
     from .write import check_cuda_toolkit, check_out, export
-    setup_output(quiet=a.quiet)
     request = request_from_args(a, None, skip=NOT_EXPORTED)
     check_out(Path(a.out), a.force)           # before minutes of loading: refuse a non-empty --out now
     if a.device == "cuda" and a.format == "aoti":
@@ -46,6 +45,7 @@ def run(a) -> int:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    restore = setup_output(quiet=a.quiet)
     try:
         return run(a)
     except expected_errors() as e:
@@ -55,3 +55,5 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("dllm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()

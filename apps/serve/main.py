@@ -1,29 +1,33 @@
-"""`dllm serve`: a single-stream OpenAI-compatible HTTP server over one Engine.
+"""`dllm serve`: an OpenAI-compatible HTTP server over one Engine.
 
-    dllm serve --model DIR [--host 127.0.0.1] [--port 8000] [--bucket P:G:STEPS[:BLOCK]]...
-               [--queue N] [--threads N] [Request's options as flags: the requests' defaults]
-               [--backend ...] [--log-level warning]
+    dllm serve --model DIR [--host 127.0.0.1] [--port 8000] [--bucket P:G:STEPS[:BLOCK]]... [--max-batch N]
+               [--queue N] [--threads N] [--api-key KEY] [--prepare-on-demand options|shapes|nothing]
+               [Request's options as flags: the requests' defaults] [--backend ...] [--log-level warning]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the folder's chat template), GET /v1/models,
-GET /health, GET /metrics (Prometheus text).
+POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus text).
 
-Requests run one at a time on the engine, in arrival order, in one worker thread; the event loop only
-parses, queues and streams. At most --queue requests wait behind the running one; one more is answered
-429 (`queue_full`). A client that goes away while waiting frees its place; one that goes away while its
-request runs cancels it.
+Requests run on the engine in arrival order, in one worker thread; the event loop only parses, queues
+and streams. Waiting requests that share lengths, policy and decoding structure run with the oldest as
+one batch (--max-batch; each row gets the tokens it gets alone). At most --queue requests wait; one
+more is answered 429 (`queue_full`). A client that goes away frees its place or leaves its batch.
 
-`max_tokens` is the response length G (the canvas size); `steps` and `block_length` default to those of
-the first --bucket with that G, else steps = G and one block. Every other Request option travels as an
-extra top-level JSON field (the openai client's `extra_body`) under its own name: policy and its options,
-threshold, steps, block_length, remasking, alg, confidence_dtype, prompt_bucket, ...; `seed`,
-`temperature`, `top_p` and `stop` are the OpenAI fields. The response ends at the first end-of-text
-token or at a `stop` sequence.
+At start-up every --bucket is prepared for batch sizes 1, 2, 4 ... --max-batch and for greedy and
+sampled decoding (Dream: also top-p) under the server's policy; any other decoding option or policy is
+prepared on a declared shape when first asked for (--prepare-on-demand options, the default with
+buckets; `shapes` also prepares new shapes, the default without buckets).
 
-Streaming (`stream: true`): text is sent as soon as it is final. A diffusion model commits positions in
-any order, so text is final only when every position before it is committed: under semi-autoregressive
-decoding (block_length < G) each block's text arrives when that block and all earlier ones are fully
-committed; a single-block request sends its whole text when its last token is committed. The chunks
-concatenate to the non-streamed text.
+`max_tokens` is the response length G (the canvas size); steps and block_length default to those of the
+first --bucket with that G; a max_tokens no bucket has runs in the smallest longer bucket, its text cut
+at max_tokens. Every other Request option travels as an extra top-level JSON field (the openai client's
+`extra_body`) under its own name: policy and its options, threshold, steps, block_length, remasking,
+alg, confidence_dtype, prompt_bucket, top_k, ...; `seed`, `temperature`, `top_p` and `stop` are the
+OpenAI fields. The response ends at the first end-of-text token or at a `stop` sequence.
+
+Streaming (`stream: true`): text is sent as soon as it is final, one read of the device per finished
+block: under semi-autoregressive decoding (block_length < G) each block's text arrives when that block is
+fully committed; a single-block request sends its whole text at the end. The chunks concatenate to the
+non-streamed text.
 """
 from __future__ import annotations
 
@@ -35,8 +39,16 @@ from dataclasses import replace
 
 import uvicorn
 
-from dllm.apps.common import engine_args, engine_from_args, expected_errors, request_args, request_from_args
-from dllm.runtime import Bucket, RequestError
+from dllm.apps.common import (
+    engine_args,
+    engine_from_args,
+    expected_errors,
+    request_args,
+    request_from_args,
+    setup_output,
+)
+from dllm.runtime import Bucket, Request, RequestError
+from dllm.runtime.engine import ON_DEMAND
 from dllm.runtime.request import DECODING_OPTIONS
 
 from .app import create_app
@@ -63,8 +75,7 @@ def bucket_spec(text: str) -> Bucket:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="dllm serve", description="OpenAI-compatible HTTP server over one engine "
-                                                      "(one request at a time, in arrival order). The request "
+    ap = OneLineParser(prog="dllm serve", description="OpenAI-compatible HTTP server over one engine. The request "
                                                       "options below are the defaults of every request.")
     engine_args(ap)
     request_args(ap, skip=("chat", "text_tokens"))
@@ -72,15 +83,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000, help="0: a free port chosen by the OS (printed when ready)")
     ap.add_argument("--bucket", type=bucket_spec, action="append", default=[], metavar="P:G:STEPS[:BLOCK]",
                     help="a shape prepared at start-up: prompts up to P tokens, G response tokens in STEPS "
-                         "steps (blocks of BLOCK, default G); repeatable. With buckets, requests that fit none "
-                         "are refused (400); without, shapes are prepared on first use")
-    ap.add_argument("--queue", type=int, default=32, help="requests that may wait behind the running one; "
-                                                          "more get 429")
+                         "steps (blocks of BLOCK, default G); repeatable")
+    ap.add_argument("--max-batch", type=int, default=1,
+                    help="requests that may run together as one batch (default 1); batch buckets 1, 2, 4 ... "
+                         "up to it are prepared for every --bucket")
+    ap.add_argument("--prepare-on-demand", choices=ON_DEMAND, default=None,
+                    help="what a request may prepare when it first needs it: options (any decoding option or "
+                         "policy on a declared --bucket; the default with buckets), shapes (anything; the "
+                         "default without buckets) or nothing")
+    ap.add_argument("--queue", type=int, default=32, help="requests that may wait for the engine; more get 429")
+    ap.add_argument("--api-key", default=None,
+                    help="require `Authorization: Bearer KEY` on every endpoint but /health and /metrics "
+                         "(default: $DLLM_API_KEY when set, else no key)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--drain-seconds", type=float, default=30.0,
                     help="on Ctrl-C, how long running streams may take to finish")
-    ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    ap.add_argument("--no-access-log", action="store_true", help="no line per request on stderr")
+    ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level")
     return ap
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4 ... and max_batch itself: the batch buckets prepared for every declared shape."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sorted(set(sizes + [max_batch]))
+
+
+def startup_decodings(family: str, base: Request) -> list[dict]:
+    """The decoding options prepared for every bucket at start-up: the server's own, and its greedy or
+    sampled twin (most clients send a temperature; Dream clients often a top-p too)."""
+    own = {k: getattr(base, k) for k in DECODING_OPTIONS}
+    twin = {**own, "temperature": 0.0 if base.temperature > 0 else 1.0}
+    out = [own, twin]
+    if family == "dream" and own.get("top_p") is None:
+        out.append({**own, "temperature": own["temperature"] or 1.0, "top_p": 0.95})
+    return out
 
 
 class ReadyServer(uvicorn.Server):
@@ -96,44 +136,51 @@ class ReadyServer(uvicorn.Server):
             print(self.ready_line, flush=True)
 
 
-def describe(buckets) -> str:
-    if not buckets:
-        return "none (shapes are prepared on first use)"
-    return "; ".join(f"prompt<={b.prompt} gen {b.gen_length} steps {b.steps} block {b.block}" for b in buckets)
-
-
 def main(argv: list[str]) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.queue < 0:
         parser.error(f"--queue must be >= 0, got {a.queue}")
+    if a.max_batch < 1:
+        parser.error(f"--max-batch must be >= 1, got {a.max_batch}")
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
+    restore = setup_output(quiet=a.no_access_log)
     try:
         base = request_from_args(a, None, skip=("chat", "text_tokens"))
-        decoding = {k: getattr(base, k) for k in DECODING_OPTIONS}
-        engine = engine_from_args(a, buckets=a.bucket or None, policies=[base.policy], decoding=decoding)
+        buckets = [replace(b, batch=n) for b in a.bucket for n in batch_sizes(a.max_batch)]
+        engine = engine_from_args(a, prepare_on_demand=a.prepare_on_demand or ("options" if buckets else "shapes"))
         if engine.tokenizer is None:                       # fail now, not on the first request
             raise RequestError(f"{a.model} has no tokenizer files; the server needs text prompts")
-        if base.gen_length is None and a.bucket:           # the first bucket's length is the default
-            b = a.bucket[0]
+        if base.gen_length is None and a.bucket and not engine.defaults.from_file:
+            b = a.bucket[0]                                # no generation_config.json: the first bucket's length
             base = replace(base, gen_length=b.gen_length, steps=base.steps or b.steps,
                            block_length=base.block_length or b.block)
         base = base.resolved(engine.defaults)
         base.shape_check()
         base.check(engine.cfg)
+        decodings = startup_decodings(engine.cfg.family, base)
+        for b in buckets:
+            for decoding in decodings:
+                engine.prepare(b, base.policy, **decoding)
         sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((a.host, a.port))
     except (*expected_errors(), OSError) as e:
         print(f"dllm serve: error: {e}", file=sys.stderr)
+        restore()
         return 2
     opts = ServeOptions(model_name=os.path.basename(os.path.normpath(a.model)), request=base,
-                        buckets=tuple(a.bucket), queue=a.queue, drain_seconds=a.drain_seconds)
+                        buckets=tuple(buckets), queue=a.queue, drain_seconds=a.drain_seconds,
+                        max_batch=a.max_batch, api_key=a.api_key or os.environ.get("DLLM_API_KEY") or None)
     host, port = sock.getsockname()[:2]
+    prepared = (f"{len(a.bucket)} bucket(s) x batch {', '.join(map(str, batch_sizes(a.max_batch)))} x "
+                f"{len(decodings)} decodings in {engine.prepare_seconds:.1f} s" if a.bucket else
+                "none (shapes are prepared on first use)")
     ready = (f"dllm serve: ready on http://{host}:{port} (model {opts.model_name}, policy {base.policy.name}, "
-             f"queue {a.queue}, prepared: {describe(opts.buckets)}, prepare {engine.prepare_seconds:.1f} s)")
+             f"max_tokens {base.gen_length}, max batch {a.max_batch}, queue {a.queue}, prepared: {prepared}"
+             f"{', API key required' if opts.api_key else ''})")
     config = uvicorn.Config(create_app(engine, opts), log_level=a.log_level,
                             access_log=a.log_level in ("info", "debug"), timeout_graceful_shutdown=None)
     server = ReadyServer(config, ready)
@@ -143,4 +190,6 @@ def main(argv: list[str]) -> int:
         pass
     finally:
         sock.close()
+        print("dllm serve: stopped", file=sys.stderr, flush=True)
+        restore()
     return 0

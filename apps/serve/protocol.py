@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from starlette.responses import JSONResponse
 
 from dllm.models.config import CheckpointError
-from dllm.runtime import Bucket, Generation, Request, RequestError
+from dllm.runtime import Bucket, DecodeStructure, Engine, Generation, Request, RequestError
 from dllm.runtime.options import policy_option_names, request_options
 from dllm.runtime.request import OPTION_FIELDS
 from dllm.runtime.text import Text
@@ -64,6 +64,8 @@ class ServeOptions:
     buckets: tuple[Bucket, ...] = ()
     queue: int = 32
     drain_seconds: float = 30.0
+    max_batch: int = 1
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class ServeRequest:
     chat: bool
     prompt_ids: list[int]
     request: Request
+    structure: DecodeStructure
     stream: bool = False
     include_usage: bool = False
 
@@ -86,8 +89,10 @@ def _check_fields(body: dict, allowed: set[str]) -> None:
             raise bad(f"unrecognized request argument {key!r}", key, "unknown_parameter")
 
 
-def parse_request(body, *, chat: bool, opts: ServeOptions, text: Text) -> ServeRequest:
-    """Validate a /v1/completions or /v1/chat/completions body (ApiError with the field at fault)."""
+def parse_request(body, *, chat: bool, opts: ServeOptions, engine: Engine) -> ServeRequest:
+    """Validate a /v1/completions or /v1/chat/completions body (ApiError with the field at fault): everything
+    the engine would refuse is refused here, before the request is queued."""
+    text = engine.text
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     main = {"messages", "max_completion_tokens"} if chat else {"prompt"}
@@ -96,7 +101,7 @@ def parse_request(body, *, chat: bool, opts: ServeOptions, text: Text) -> ServeR
     if model != opts.model_name:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {opts.model_name!r}",
                        "model", "model_not_found")
-    ids = _chat_ids(text, body.get("messages")) if chat else _prompt_ids(text, body.get("prompt"))
+    ids = chat_ids(text, body.get("messages")) if chat else prompt_ids(text, body.get("prompt"))
 
     options = {k: v for k, v in body.items() if k in BODY_OPTIONS or k in policy_option_names()}
     if options.get("top_p") == 1:                  # top_p 1 keeps the whole distribution: no filter
@@ -106,17 +111,17 @@ def parse_request(body, *, chat: bool, opts: ServeOptions, text: Text) -> ServeR
         options["gen_length"] = body[length]
     try:
         given = request_options(options, text=False, base_policy=opts.request.policy)
-        base = opts.request
-        G = given.get("gen_length", base.gen_length)
-        like = next((b for b in opts.buckets if b.gen_length == G), None)
-        # steps and block: the first bucket's with this length, else the server's for its own length, else
-        # G steps of one block
-        given.setdefault("steps", like.steps if like else base.steps if G == base.gen_length else G)
-        given.setdefault("block_length", like.block if like else base.block_length if G == base.gen_length else G)
-        request = replace(base, prompt=[ids], **given)
-        request.shape_check()
-        request.check(text.cfg)
+        lengths = ("gen_length", "steps", "block_length")
+        request = replace(opts.request, prompt=[ids], **{k: v for k, v in given.items() if k not in lengths})
+        request = _shaped(request, given, opts, engine)
+        structure = request.check(text.cfg).structure
     except RequestError as e:
+        raise refused(e, length) from None
+    try:
+        engine.check(request)
+    except RequestError as e:
+        if e.param == "gen_length":               # the shape: no bucket has it, none is prepared on demand
+            raise bad(_no_bucket(request, opts, len(ids)), length, "no_bucket") from None
         raise refused(e, length) from None
 
     stream = body.get("stream", False)
@@ -125,10 +130,38 @@ def parse_request(body, *, chat: bool, opts: ServeOptions, text: Text) -> ServeR
     so = body.get("stream_options") or {}
     if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
         raise bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
-    return ServeRequest(chat, ids, request, stream, bool(so.get("include_usage", False)))
+    return ServeRequest(chat, ids, request, structure, stream, bool(so.get("include_usage", False)))
 
 
-def _prompt_ids(text: Text, prompt) -> list[int]:
+def _shaped(request: Request, given: dict, opts: ServeOptions, engine: Engine) -> Request:
+    """The request's lengths: OpenAI's max_tokens is G. Steps and block default to those of the first
+    bucket with that G, else to the server's for its own G, else G steps of one block. A max_tokens that
+    no bucket has runs in the smallest bucket longer than it, its text cut at max_tokens (finish_reason
+    "length"), unless new shapes are prepared on demand."""
+    base = opts.request
+    G = replace(request, gen_length=given.get("gen_length", base.gen_length), steps=None,   # validated
+                block_length=None).gen_length
+    exact = [b for b in opts.buckets if b.gen_length == G]
+    longer = sorted((b for b in opts.buckets if b.gen_length > G), key=lambda b: b.gen_length)
+    if not exact and longer and engine.prepare_on_demand != "shapes" and not ({"steps", "block_length"} & set(given)):
+        b = longer[0]
+        return replace(request, gen_length=b.gen_length, steps=b.steps, block_length=b.block, text_tokens=G)
+    like = exact[0] if exact else None
+    steps = given.get("steps", like.steps if like else base.steps if G == base.gen_length else G)
+    block = given.get("block_length", like.block if like else base.block_length if G == base.gen_length else G)
+    return replace(request, gen_length=G, steps=steps, block_length=block)
+
+
+def _no_bucket(r: Request, opts: ServeOptions, prompt_tokens: int) -> str:
+    have = "; ".join(f"{b.prompt}:{b.gen_length}:{b.steps}:{b.block}" for b in opts.buckets) or "none"
+    P = max([prompt_tokens] + [b.prompt for b in opts.buckets])
+    return (f"no bucket this server prepared fits max_tokens {r.gen_length} with steps {r.steps}, block "
+            f"{r.block_length} and a {prompt_tokens}-token prompt (buckets P:G:STEPS:BLOCK: {have}); start "
+            f"dllm serve with --bucket {P}:{r.gen_length}:{r.steps}:{r.block_length} for it, or with "
+            f"--prepare-on-demand shapes")
+
+
+def prompt_ids(text: Text, prompt) -> list[int]:
     if not isinstance(prompt, str) or not prompt:
         raise bad("prompt must be one non-empty string (this server runs one sequence per request)", "prompt")
     try:
@@ -137,7 +170,7 @@ def _prompt_ids(text: Text, prompt) -> list[int]:
         raise bad(str(e), "prompt") from None
 
 
-def _chat_ids(text: Text, messages) -> list[int]:
+def chat_ids(text: Text, messages) -> list[int]:
     """The conversation through the folder's chat template (the text path's encode_chat)."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {role, content} objects", "messages")

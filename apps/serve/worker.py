@@ -1,14 +1,21 @@
-"""The worker: one thread that runs queued jobs on the engine, one at a time, in arrival order; the
-event loop only parses, queues and streams."""
+"""The worker: one thread that runs queued jobs on the engine in arrival order; the event loop only
+parses, queues and streams. Jobs already waiting that can share a batch with the oldest one (same
+lengths, prompt bucket, policy and decoding structure) run with it as one batch of at most max_batch
+rows (Engine.generate_batch: each row gets the tokens it gets alone); a lone job never waits for others.
+
+Nothing reads the device per step: cancellation is a flag checked between steps (through the engine's
+host-side progress hook), and a streaming job gets one read per finished block (on_block)."""
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
+import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from dllm.models.config import CheckpointError
-from dllm.runtime import Engine, Generation, RequestError, StepEvent
+from dllm.runtime import BlockEvent, Engine, Generation, RequestError
 
 from .metrics import Metrics
 from .protocol import ServeRequest
@@ -19,7 +26,7 @@ class QueueFull(Exception):
 
 
 class Cancelled(Exception):
-    """Raised from on_step to stop a generation whose client went away."""
+    """Raised from the progress hook to stop a generation whose clients all went away."""
 
 
 @dataclass(frozen=True)
@@ -37,22 +44,34 @@ class Job:
     request: ServeRequest
     endpoint: str
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue                  # StepEvent (streaming only), then one Finished | Failed
+    events: asyncio.Queue                  # BlockEvent (streaming only), then one Finished | Failed
     state: str = "queued"                  # queued -> running -> done, or queued -> dropped
     cancel: threading.Event = field(default_factory=threading.Event)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    batch: int = 1                         # rows of the batch it ran in
 
     def post(self, item) -> None:
         """Hand an item to the request's coroutine (called from the worker thread)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
+    @property
+    def queue_seconds(self) -> float:
+        return (self.started_at or time.perf_counter()) - self.queued_at
+
+
+def batch_key(job: Job) -> tuple:
+    """What jobs must share to run as one batch."""
+    r = job.request.request
+    return (r.gen_length, r.steps, r.block_length, r.prompt_bucket, r.policy, job.request.structure)
+
 
 class Worker:
-    """One thread that runs queued jobs on the engine, one at a time, in arrival order."""
-
-    def __init__(self, engine: Engine, capacity: int, metrics: Metrics):
-        self.engine, self.capacity, self.metrics = engine, capacity, metrics
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+    def __init__(self, engine: Engine, capacity: int, metrics: Metrics, max_batch: int = 1):
+        self.engine, self.capacity, self.metrics, self.max_batch = engine, capacity, metrics, max_batch
+        self._queue: deque[Job | None] = deque()
+        self._cv = threading.Condition()
         self.waiting = 0
         self._thread: threading.Thread | None = None
         metrics.queue_length.set_function(lambda: self.waiting)
@@ -64,22 +83,26 @@ class Worker:
     def stop(self) -> None:
         """Finish every job already queued, then end the thread."""
         if self._thread is not None:
-            self._jobs.put(None)
+            with self._cv:
+                self._queue.append(None)
+                self._cv.notify()
             self._thread.join()
             self._thread = None
 
     def submit(self, request: ServeRequest, endpoint: str) -> Job:
         job = Job(request, endpoint, asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
+        with self._cv:
             if self.waiting >= self.capacity:
                 raise QueueFull
             self.waiting += 1
-        self._jobs.put(job)
+            self._queue.append(job)
+            self._cv.notify()
         return job
 
     def cancel(self, job: Job) -> None:
-        """The client went away: a waiting job gives its place back, a running one stops at its next step."""
-        with self._lock:
+        """The client went away: a waiting job gives its place back, a running one is dropped from its batch
+        (the batch stops at its next step once every job in it is gone)."""
+        with self._cv:
             if job.state == "queued":
                 job.state = "dropped"
                 self.waiting -= 1
@@ -87,46 +110,77 @@ class Worker:
             elif job.state == "running":
                 job.cancel.set()
 
-    def _take(self, job: Job) -> bool:
-        with self._lock:
-            if job.state != "queued":
-                return False
-            job.state = "running"
-            self.waiting -= 1
-            return True
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest queued job and the queued jobs that can share its batch (None: stop)."""
+        with self._cv:
+            while True:
+                self._cv.wait_for(lambda: bool(self._queue))
+                head = self._queue.popleft()
+                if head is None:
+                    return None
+                if head.state != "queued":
+                    continue
+                batch, key = [head], batch_key(head)
+                for job in list(self._queue):
+                    if len(batch) == self.max_batch:
+                        break
+                    if job is not None and job.state == "queued" and batch_key(job) == key:
+                        self._queue.remove(job)
+                        batch.append(job)
+                now = time.perf_counter()
+                for job in batch:
+                    job.state, job.started_at, job.batch = "running", now, len(batch)
+                self.waiting -= len(batch)
+                return batch
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self._take(job):
-                self._run(job)
+        while (batch := self._next_batch()) is not None:
+            self._run(batch)
 
-    def _run(self, job: Job) -> None:
-        m, r = self.metrics, job.request
+    def _run(self, batch: list[Job]) -> None:
+        m = self.metrics
 
-        def on_step(event: StepEvent) -> None:
-            m.step_seconds.labels(event.kind).observe(event.seconds)
-            if job.cancel.is_set():
+        def progress(launched: int, planned: int) -> None:     # host-side only: no device read
+            if all(job.cancel.is_set() for job in batch):
                 raise Cancelled
-            if r.stream:
-                job.post(event)
 
-        m.running.set(1)
+        def on_block(event: BlockEvent) -> None:
+            for row, job in enumerate(batch):
+                if job.request.stream and not job.cancel.is_set():
+                    job.post(BlockEvent(event.index, [event.tokens[row]]))
+
+        streaming = any(job.request.stream for job in batch)
+        m.running.set(len(batch))
+        m.batch_size.observe(len(batch))
         try:
-            gen = self.engine.generate(r.request, on_step=on_step)
+            gens = self.engine.generate_batch([job.request.request for job in batch], progress=progress,
+                                              on_block=on_block if streaming else None)
         except Cancelled as e:
-            m.requests.labels(job.endpoint, "cancelled").inc()
-            job.post(Failed(e))
+            for job in batch:
+                m.requests.labels(job.endpoint, "cancelled").inc()
+                job.post(Failed(e))
         except Exception as e:                 # RequestError/CheckpointError: the request; others: ours
             bad_request = isinstance(e, (RequestError, CheckpointError))
-            m.requests.labels(job.endpoint, "invalid" if bad_request else "error").inc()
-            job.post(Failed(e))
+            for job in batch:
+                m.requests.labels(job.endpoint, "invalid" if bad_request else "error").inc()
+                job.post(Failed(e))
         else:
+            gen = gens[0]
             m.request_seconds.observe(gen.seconds)
-            m.tokens_per_second.set(gen.tokens_per_second)
-            m.generated_tokens.inc(sum(len(t) for t in gen.tokens))
-            m.requests.labels(job.endpoint, "ok").inc()
-            job.post(Finished(gen))
+            m.step_seconds.observe(gen.seconds / max(gen.steps, 1))
+            for kind, count in gen.step_kinds.items():
+                m.steps.labels(kind).inc(count)
+            m.tokens_per_second.set(sum(len(g.tokens[0]) for g in gens) / gen.seconds if gen.seconds > 0 else 0)
+            for job, g in zip(batch, gens):
+                m.generated_tokens.inc(len(g.tokens[0]))
+                if job.cancel.is_set():
+                    m.requests.labels(job.endpoint, "cancelled").inc()
+                    job.post(Failed(Cancelled()))
+                else:
+                    m.requests.labels(job.endpoint, "ok").inc()
+                    job.post(Finished(g))
         finally:
-            with self._lock:
-                job.state = "done"
+            with self._cv:
+                for job in batch:
+                    job.state = "done"
             m.running.set(0)
