@@ -7,19 +7,28 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check --progress-bar on
+CORE   := $(VENV)/.core
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench gpu-check clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
+	@echo "== setup 1/2: $(VENV) with torch 2.13.0 and dllm-runtime itself (all the demo needs) =="
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,serve,eval]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
+	@echo "== setup 2/2: the test, serve and eval extras (pytest, ruff, openai, starlette, uvicorn, lm-eval, ...) =="
+	$(PIP) -e '.[test,serve,eval]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
+	@echo "== make demo: the trained model under every cache policy, tiny LLaDA / Dream checkpoints =="
 	$(PY) examples/demo.py
 
 test: $(STAMP)
@@ -30,7 +39,7 @@ test: $(STAMP)
 	@echo "== make test 3/3: test suite (tests/, without the slow soak: pytest -m slow tests runs it) =="
 	$(PY) -m pytest -q -m "not slow" tests
 
-lint: $(STAMP)
+lint: $(STAMP)   # ruff (pyproject.toml [tool.ruff]); make test runs it first
 	$(PY) -m ruff check .
 
 bench: $(STAMP)

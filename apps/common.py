@@ -86,6 +86,7 @@ def engine_args(g, *, backend_help: str = "how steps run (default: the fastest f
 
 
 def engine_from_args(a: argparse.Namespace, backend: str | None = None, **engine_options) -> Engine:
+    """The engine the flags describe (engine_options: Engine's, and from_pretrained's `check`)."""
     return Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
                                   backend=a.backend or backend, **engine_options)
 

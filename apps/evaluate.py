@@ -39,9 +39,9 @@ speedup against NoCache, timed on the same batches right after each one (`baseli
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,12 @@ from lm_eval._cli.validate import Validate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, setup_logging, simple_parse_args_string
+from tqdm import tqdm
 
 from dllm.apps.common import error_exit, expected_errors
 from dllm.graphs import BACKENDS
 from dllm.models.config import ModelConfig, load_config
+from dllm.models.hub import resolve_model
 from dllm.models.layers import forward
 from dllm.runtime import Engine, GenerationDefaults, NoCache, Request, RequestError
 from dllm.runtime.device import DTYPE_CHOICES
@@ -135,8 +137,9 @@ def check_model_args(args: dict) -> tuple[EvalConfig, ModelConfig]:
     checkpoint's config.json and generation_config.json, the request against them. Raises RequestError /
     CheckpointError with the CLI's messages."""
     cfg = EvalConfig.parse(args)
-    mcfg = load_config(cfg.model)
-    request = cfg.request.resolved(GenerationDefaults.read(Path(cfg.model)))
+    folder = resolve_model(cfg.model)
+    mcfg = load_config(folder)
+    request = cfg.request.resolved(GenerationDefaults.read(folder))
     request.shape_check()
     request.check(mcfg)
     if cfg.max_length is not None and cfg.max_length <= request.gen_length:
@@ -278,6 +281,8 @@ class DllmLM(LM):
             shape = gen_shape(self.config.request, it.max_tokens, self.engine.defaults)
             groups[(it.task, shape, it.temperature, it.until, it.max_tokens)].append(it)
         seen_tasks = []
+        bar = tqdm(total=len(items), desc="dllm: generating", unit="request", disable=disable_tqdm, file=sys.stderr,
+                   dynamic_ncols=True)
         for (task, shape, temperature, _until, _m), group in groups.items():
             group.sort(key=lambda it: -len(it.prompt))          # longest first: less padding per batch
             eff = self.efficiency.setdefault(task, Efficiency())
@@ -287,6 +292,8 @@ class DllmLM(LM):
                 for it, text in zip(batch, self._generate_batch(batch, shape, temperature, eff)):
                     out[it.index] = text
                     self.cache_hook.add_partial("generate_until", requests[it.index].args, text)
+                bar.update(len(batch))
+        bar.close()
         if self.config.report:
             self.print_efficiency(dict.fromkeys(seen_tasks))
         return out

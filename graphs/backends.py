@@ -87,13 +87,14 @@ def keep_faster(compiled: dict[str, Callable[[], None]], bodies: dict[str, Calla
 
 
 def prepare(name: str, bodies: dict[str, Callable[[], None]], reset: Callable[[], None],
-            pool: GraphPool | None = None, keep_faster_on_cpu: bool = False
-            ) -> tuple[dict[str, Callable[[], None]], float]:
+            pool: GraphPool | None = None, keep_faster_on_cpu: bool = False,
+            on_kind: Callable[[str, float], None] | None = None) -> tuple[dict[str, Callable[[], None]], float]:
     """Compile / capture the bodies for a backend; returns (runnable steps by kind, seconds spent).
 
     `bodies` is in capture order (the policy's: largest graph first, so later, smaller graphs reuse
     the pool's blocks). Warm-up and capture run the steps on the live buffers, so the caller refills
-    the state before the next generation (Engine.generate always does)."""
+    the state before the next generation (Engine.generate always does). on_kind(kind, seconds) is told
+    as each kind finishes compiling."""
     kinds = list(bodies)
     if name == "eager":
         return dict(bodies), 0.0
@@ -108,7 +109,10 @@ def prepare(name: str, bodies: dict[str, Callable[[], None]], reset: Callable[[]
         with torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=1 << 16):
             for k in kinds:                   # first call compiles
                 reset()
+                t1 = time.perf_counter()
                 fns[k]()
+                if on_kind is not None:
+                    on_kind(k, time.perf_counter() - t1)
             if name == "compile" and keep_faster_on_cpu:
                 fns, _ = keep_faster(fns, bodies, reset)
     if name in ("cudagraph", "compile+cudagraph"):

@@ -167,7 +167,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory; --model must be a checkpoint folder "
-                              f"holding config.json and model.safetensors")
+                              f"holding config.json and model.safetensors, or a Hugging Face hub id (org/name)")
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; --model must be a LLaDA or Dream checkpoint folder")

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,13 +21,14 @@ from dllm.graphs import backends
 from dllm.graphs.capture import GraphPool
 from dllm.models.checkpoint import Weights, load_weights
 from dllm.models.config import ModelConfig, load_config
+from dllm.models.hub import resolve_model
 from dllm.models.memory import available_bytes
 
 from . import scheduler
 from .decoding import DecodeConfig, DecodeStructure, check_shape
 from .device import resolve_device, resolve_dtype
 from .errors import RequestError
-from .observe import BlockEvent, BlockReader, StepEvent, counted, observed
+from .observe import BlockEvent, BlockReader, ProgressBar, StepEvent, counted, observed, ticking
 from .policy import NoCache, Policy
 from .prepared import Prepared
 from .request import DECODING_OPTIONS, Bucket, GenerationDefaults, Request
@@ -59,6 +61,21 @@ class Generation:
         return {"tokens": self.tokens, "text": self.text, "steps": self.steps,
                 "step_kinds": dict(self.step_kinds), "seconds": self.seconds, "backend": self.backend,
                 "prepare_seconds": self.prepare_seconds}
+
+
+def check_request(cfg: ModelConfig, defaults: GenerationDefaults, text: Text, request: Request):
+    """What needs only the model's config, generation defaults and tokenizer: the lengths, the decoding
+    options and the policy against the family, the prompt against the vocabulary and the model's length
+    -> (the resolved request, its decoding structure, its prompt rows)."""
+    req = request.resolved(defaults)
+    req.shape_check()
+    s = req.check(cfg).structure
+    prompts = text.prompt_ids(req.prompt, req.chat)
+    longest = max(len(p) for p in prompts)
+    if cfg.max_seq_len and longest + req.gen_length > cfg.max_seq_len:
+        raise RequestError(f"the prompt's {longest} tokens + gen_length {req.gen_length} exceed the model's maximum "
+                           f"sequence length {cfg.max_seq_len}; shorten the prompt or the response", "gen_length")
+    return req, s, prompts
 
 
 class FifoLock:
@@ -125,7 +142,7 @@ class Engine:
         self.keep_faster = keep_faster
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.defaults = defaults or GenerationDefaults()
-        self.text = Text(cfg, folder, trust_remote_code)
+        self.text = Text(cfg, folder, trust_remote_code, self.defaults)
         self.backend = backends.check(backend or backends.default_backend(self.device), self.device)
         self.prepare_on_demand = on_demand_mode(buckets is None if prepare_on_demand is None else prepare_on_demand)
         self._lock = FifoLock()                        # generate / prepare: one at a time, in order
@@ -139,17 +156,22 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
-                        **engine_options):
-        """Load a checkpoint folder; engine_options are Engine's (backend, buckets, policies, ...).
-        dtype: float32 (the default here: exact reference tokens), bfloat16, float16, or "auto" (bfloat16
-        where the device computes it natively, else float32: the command line's default)."""
+                        check: list[Request] = (), **engine_options):
+        """Load a checkpoint folder or a Hugging Face hub id (org/name: the local cache first);
+        engine_options are Engine's (backend, buckets, policies, ...). dtype: float32 (the default here:
+        exact reference tokens), bfloat16, float16, or "auto" (bfloat16 where the device computes it
+        natively, else float32: the command line's default). check: requests to validate against the
+        folder's config, generation defaults and tokenizer before a weight is read (RequestError)."""
         if not isinstance(folder, (str, Path)):
             raise RequestError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
-        folder = Path(folder)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        folder = resolve_model(folder)
         cfg = load_config(folder)
         defaults = GenerationDefaults.read(folder)
+        text = Text(cfg, folder, trust_remote_code)
+        for r in check:
+            check_request(cfg, defaults, text, r)
         t0 = time.perf_counter()
         log.info("loading weights from %s (%s, %d layers, d %d) to %s %s", folder, cfg.family, cfg.n_layers,
                  cfg.d_model, device, str(dtype).replace("torch.", ""))
@@ -214,9 +236,12 @@ class Engine:
             log.info("preparing %s (%s) for batch %d, prompt bucket %d, gen %d, %d steps, policy %s ...",
                      ", ".join(missing), self.backend, s.batch, s.prompt_bucket, s.gen_length, s.steps,
                      prep.policy.name)
-        with torch.inference_mode():
+        alive = ticking(log, f"preparing {', '.join(missing)} ({self.backend})") if self.backend != "eager" \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), alive:
             new, seconds = backends.prepare(self.backend, {k: prep.bodies[k] for k in missing}, reset, self._pool,
-                                            keep_faster_on_cpu=self.keep_faster and self.device.type == "cpu")
+                                            keep_faster_on_cpu=self.keep_faster and self.device.type == "cpu",
+                                            on_kind=lambda k, t: log.info("compiled %s in %.1f s", k, t))
         if self.backend != "eager":
             log.info("prepared %s in %.1f s", ", ".join(missing), seconds)
         prep.steps.update(new)
@@ -289,10 +314,7 @@ class Engine:
     def check(self, request: Request) -> RequestShape:
         """Everything generate would refuse before running, without running or allocating anything:
         returns the shape the request would run in."""
-        req = request.resolved(self.defaults)
-        req.shape_check()
-        s = req.check(self.cfg).structure
-        prompts = self.text.prompt_ids(req.prompt, req.chat)
+        req, s, prompts = check_request(self.cfg, self.defaults, self.text, request)
         return self._pick_shape(len(prompts), max(len(p) for p in prompts), req, s)
 
     # ------------------------------------------------------------------ generation
@@ -305,7 +327,8 @@ class Engine:
         confidence_dtype, policy, seed, chat, stop, text_tokens); lengths left out take the model's defaults.
         progress(launched, planned): called after each step is launched, host-side only (no device read;
         on a GPU the device may still be working on it); planned is the most steps the request can take.
-        Raising from it stops the generation between two steps.
+        Raising from it stops the generation between two steps. progress=True: a bar on stderr (a
+        terminal only, after 2 s).
         on_block: called with a BlockEvent once each block is final (one read per block; on CUDA without
         waiting for the device). on_step: called after every step with a StepEvent (the canvas is read
         back and the device synchronised after every step: for watching, not for serving).
@@ -331,37 +354,29 @@ class Engine:
         with self._lock:
             return self._run(list(requests), None, progress, on_block)
 
-    def _rows(self, reqs: list[Request]) -> tuple[list[list[int]], int | list[int], list, list[int]]:
-        """(prompt rows, seed(s), decoding values per row, rows per request) of requests that may share
-        one batch; a batch of several requests gives every row its own seed."""
-        cfg, first = self.cfg, reqs[0]
+    def _rows(self, checked: list) -> tuple[list[list[int]], int | list[int], list, list[int]]:
+        """(prompt rows, seed(s), decoding values per row, rows per request) of checked requests that may
+        share one batch; a batch of several requests gives every row its own seed."""
+        first, s0, _ = checked[0]
         same = ("gen_length", "steps", "block_length", "prompt_bucket", "policy")
         rows, values, counts = [], [], []
-        for r in reqs:
-            dc = r.check(cfg)
-            if r is not first and (any(getattr(r, k) != getattr(first, k) for k in same)
-                                   or dc.structure != first.decode_config(cfg.family).structure):
+        for r, s, ids in checked:
+            if any(getattr(r, k) != getattr(first, k) for k in same) or s != s0:
                 raise RequestError(f"requests run as one batch must share {', '.join(same)} and the decoding "
                                    f"structure (sampling, top-p, top-k, threshold on or off)")
-            ids = self.text.prompt_ids(r.prompt, r.chat)
-            if len(reqs) > 1 and (len(ids) != 1 or not isinstance(r.seed, int)):
+            if len(checked) > 1 and (len(ids) != 1 or not isinstance(r.seed, int)):
                 raise RequestError("generate_batch runs single-prompt requests, each with one integer seed")
             rows += ids
-            values += [dc.values] * len(ids)
+            values += [r.decode_config(self.cfg.family).values] * len(ids)
             counts.append(len(ids))
-        seed = first.seed if len(reqs) == 1 else [r.seed for r in reqs]
-        if isinstance(seed, tuple):
-            seed = list(seed)
-        return rows, seed, values, counts
+        seed = first.seed if len(checked) == 1 else [r.seed for r, _, _ in checked]
+        return rows, list(seed) if isinstance(seed, tuple) else seed, values, counts
 
     def _run(self, requests: list[Request], on_step, progress, on_block) -> list[Generation]:
         cfg = self.cfg
-        reqs = [r.resolved(self.defaults) for r in requests]
-        for r in reqs:
-            r.shape_check()
-        first = reqs[0]
-        s = first.check(cfg).structure
-        prompts, seed, values, counts = self._rows(reqs)
+        checked = [check_request(cfg, self.defaults, self.text, r) for r in requests]
+        (first, s, _), reqs = checked[0], [c[0] for c in checked]
+        prompts, seed, values, counts = self._rows(checked)
         n = len(prompts)
         shape = self._pick_shape(n, max(len(p) for p in prompts), first, s)
         pad = shape.batch - n                       # a larger batch bucket: rows copied from the first one
@@ -380,6 +395,8 @@ class Engine:
             step_fns = reader.watched(step_fns)
         if on_step is not None:
             step_fns = observed(step_fns, st, on_step, cfg.mask_id, self._sync)
+        if progress is True:
+            progress = ProgressBar()
         if progress is not None:
             step_fns = counted(step_fns, progress, first.steps if plan is None else len(plan))
 

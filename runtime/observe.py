@@ -4,6 +4,9 @@ read per block, without stalling the device where it can), or a StepEvent after 
 canvas is read back, the device synchronised, after every step)."""
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -109,3 +112,47 @@ class BlockReader:
                 self.deliver(wait=False)
             return step
         return {k: wrap(fn) for k, fn in step_fns.items()}
+
+
+class ProgressBar:
+    """A progress(launched, planned) hook drawing a tqdm bar on stderr (Engine.generate(progress=True)).
+    The bar appears only once a generation has run for DELAY seconds, and never when stderr is not a
+    terminal (there it is noise)."""
+    DELAY = 2.0
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled and sys.stderr.isatty(), None
+
+    def __call__(self, launched: int, planned: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=planned, desc="dllm: denoising", unit="step", delay=self.DELAY, leave=False,
+                            file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(launched - self.bar.n)
+        if launched >= planned:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def ticking(log, what: str, every: float = 15.0):
+    """Log "<what> ... N s" every `every` seconds until the block ends: a compile that takes minutes
+    shows it is alive."""
+    stop, t0 = threading.Event(), time.perf_counter()
+
+    def tick():
+        while not stop.wait(every):
+            log.info("%s ... %.0f s", what, time.perf_counter() - t0)
+    thread = threading.Thread(target=tick, name="dllm-ticker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -7,6 +7,7 @@ need only config.json (`check(cfg)`), never the weights.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,15 @@ DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "thresh
 @dataclass(frozen=True)
 class GenerationDefaults:
     """A model's generation defaults: its folder's generation_config.json (the HF file, with this
-    runtime's keys: gen_length / max_new_tokens, steps, block_length), else G = 128."""
+    runtime's keys: gen_length / max_new_tokens, steps, block_length, and dllm_prompt_pattern /
+    dllm_prompt_hint: the prompt format it was trained on, warned about when a text prompt misses it),
+    else G = 128."""
     gen_length: int = DEFAULT_GEN_LENGTH
     steps: int | None = None
     block_length: int | None = None
     from_file: bool = False         # read from the folder's generation_config.json (else the built-in 128)
+    prompt_pattern: str | None = None   # a regular expression every plain-text prompt should match
+    prompt_hint: str | None = None      # that format in words
 
     @staticmethod
     def read(folder: Path | None) -> "GenerationDefaults":
@@ -164,7 +169,14 @@ class GenerationDefaults:
             check_shape(G, got["block_length"] or G, got["steps"] or G)
         except RequestError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        return GenerationDefaults(G, got["steps"], got["block_length"], from_file=True)
+        pattern, hint = raw.get("dllm_prompt_pattern"), raw.get("dllm_prompt_hint")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise CheckpointError(f"{path}: 'dllm_prompt_pattern' is not a regular expression ({e})") from None
+        return GenerationDefaults(G, got["steps"], got["block_length"], from_file=True, prompt_pattern=pattern,
+                                  prompt_hint=hint if isinstance(hint, str) else None)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ adapter all go through it; a generation's text is decoded once, here.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from dllm.models.config import CheckpointError, ModelConfig
 
 from .errors import RequestError
 
+log = logging.getLogger("dllm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -107,8 +110,10 @@ class Text:
     """A model's text path, one per engine: the folder's tokenizer (loaded on first use), prompts -> ids
     (checked against the vocabulary and the mask id) and ids -> Response."""
 
-    def __init__(self, cfg: ModelConfig, folder: Path | None, trust_remote_code: bool = False):
+    def __init__(self, cfg: ModelConfig, folder: Path | None, trust_remote_code: bool = False, defaults=None):
         self.cfg, self.folder, self.trust_remote_code = cfg, folder, trust_remote_code
+        self.format = (re.compile(defaults.prompt_pattern), defaults.prompt_hint) \
+            if defaults is not None and defaults.prompt_pattern else None
         self._tokenizer = None
         self.end_ids = frozenset(t for t in (cfg.eos_id, cfg.eot_id) if t is not None)
 
@@ -175,6 +180,11 @@ class Text:
         """Any prompt a Request holds -> [B][P_b] ids, checked against the vocabulary and the mask id."""
         kind, parts = prompt_parts(prompt)
         if kind == "text":
+            for t in parts:
+                if self.format is not None and not chat and not self.format[0].fullmatch(t):
+                    log.warning("warning: prompt %r is not in the format %s was trained on (%s); expect a wrong "
+                                "answer%s", t[:60], self.folder, self.format[1] or self.format[0].pattern,
+                                " (the trailing newline is missing)" if self.format[0].fullmatch(t + "\n") else "")
             rows = [self.encode(t, chat) for t in parts]
         else:
             if chat:

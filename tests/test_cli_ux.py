@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from dllm.apps.generate.main import StepBar, build_parser
+from dllm.apps.generate.main import build_parser
 from dllm.apps.main import main
-from dllm.runtime import Request
+from dllm.runtime import ProgressBar, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained" / "arith-llada"
@@ -108,20 +108,20 @@ class FakeTerminal(io.StringIO):
 
 def test_step_bar(monkeypatch):
     monkeypatch.setattr("sys.stderr", FakeTerminal())
-    assert not StepBar(enabled=False).enabled
-    quick = StepBar(enabled=True)                # a generation shorter than 2 s draws nothing
+    assert not ProgressBar(enabled=False).enabled
+    quick = ProgressBar(enabled=True)                # a generation shorter than 2 s draws nothing
     for i in range(1, 5):
         quick(i, 4)
     quick.close()
     assert "denoising" not in sys.stderr.getvalue()
-    slow = StepBar(enabled=True)
+    slow = ProgressBar(enabled=True)
     slow(1, 4)
     time.sleep(2.1)
     slow(2, 4)
     assert "dllm: denoising" in sys.stderr.getvalue() and "2/4" in sys.stderr.getvalue()
     slow.close()
     monkeypatch.setattr("sys.stderr", io.StringIO())
-    assert not StepBar(enabled=True).enabled     # never a bar into a pipe or a file
+    assert not ProgressBar(enabled=True).enabled     # never a bar into a pipe or a file
 
 
 def readme_commands(text: str) -> list[str]:

@@ -1,9 +1,12 @@
 """The latency gate's logic on synthetic pytest-benchmark JSON."""
 import json
+from pathlib import Path
 
 import pytest
 
 from dllm.perf import regress
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_file(path, medians: dict, iqr=0.001, machine=None):
@@ -110,3 +113,24 @@ def test_record_over_the_committed_baseline_exits_2_without_running(capsys):
     before = committed.read_bytes()
     assert regress.main(["--record", "cpu-dev-tiny", "--pytest-args", "--backends eager"]) == 2
     assert "exists" in capsys.readouterr().err and committed.read_bytes() == before
+
+
+def suite_benchmarks() -> set[str]:
+    """Every benchmark perf/test_latency.py can run: presets x policies x backends (x step kinds)."""
+    from dllm.graphs import BACKENDS
+    from dllm.perf.conftest import POLICIES, SHAPES
+    steps = {f"perf/test_latency.py::test_step[{pr}-{po}-{b}-{k}]" for pr in SHAPES for po, pol in POLICIES.items()
+             for b in BACKENDS for k in pol.kinds}
+    e2e = {f"perf/test_latency.py::test_e2e[{pr}-{po}-{b}]" for pr in SHAPES for po in POLICIES for b in BACKENDS}
+    return steps | e2e
+
+
+def test_committed_baselines_name_only_benchmarks_that_exist():
+    """A baseline that names a benchmark the suite no longer has (a renamed step kind) gates nothing for
+    it, silently: every committed baseline names only what the suite runs."""
+    names = suite_benchmarks()
+    assert "perf/test_latency.py::test_step[tiny-d2cache-eager-selected]" in names       # the checker can see
+    assert "perf/test_latency.py::test_step[tiny-d2cache-eager-verify]" not in names     # ... and refuse
+    for path in sorted((ROOT / "perf" / "baselines").glob("*.json")):
+        stale = sorted(set(regress.load(path)["benchmarks"]) - names)
+        assert not stale, f"{path.name} names benchmarks the suite does not have: {stale}"

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 from dllm.apps.common import (
     engine_args,
@@ -24,6 +27,7 @@ from dllm.apps.common import (
     request_from_args,
     setup_output,
 )
+from dllm.runtime import ProgressBar, RequestError
 
 ONE_SHOT_BACKEND = {"cpu": "eager", "cuda": "cudagraph"}    # one generation: no minutes-long compile
 SHIPPED_MODEL_EPILOG = """\
@@ -49,27 +53,6 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
-class StepBar:
-    """Engine.generate's progress(launched, planned) hook as a tqdm bar on stderr. The bar appears only
-    once a generation has run for 2 s, and never when stderr is not a terminal (there it is noise)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled and sys.stderr.isatty(), None
-
-    def __call__(self, launched: int, planned: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=planned, desc="dllm: denoising", unit="step", delay=2, leave=False,
-                            file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(launched - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def build_parser() -> argparse.ArgumentParser:
     g = argparse.ArgumentParser(prog="dllm generate", description="denoise a response for one prompt",
                                 epilog=SHIPPED_MODEL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "CUDA, which captures in seconds; compile+cudagraph is faster per step but compiles "
                                 "for minutes per shape: worth it for a server, not for one generation)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
-    src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated")
+    src.add_argument("--prompt", action="append", help="prompt text (needs tokenizer files in the folder); '-' reads "
+                     "it from stdin; repeat it for a batch (one output line per prompt)")
+    src.add_argument("--prompt-file", action="append", help="read a prompt from this file (its whole text); "
+                     "repeatable like --prompt")
+    src.add_argument("--prompt-ids", type=_ids, action="append", help="prompt token ids, comma-separated; repeatable")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     request_args(g, skip=("text_tokens",))
     g.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout and no progress on stderr (errors still go there)")
@@ -90,14 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     return g
 
 
+def prompts_of(a) -> list:
+    """The prompts the flags name: texts (--prompt, '-' for stdin, --prompt-file) or id lists."""
+    if a.prompt_ids is not None:
+        return a.prompt_ids
+    if a.prompt_file is not None:
+        try:
+            return [Path(f).read_text(encoding="utf-8") for f in a.prompt_file]
+        except (OSError, UnicodeDecodeError) as e:
+            raise RequestError(f"--prompt-file: cannot read it as UTF-8 text ({e})", "prompt") from None
+    texts = [sys.stdin.read() if p == "-" else p for p in a.prompt]
+    if a.prompt.count("-") > 1:
+        raise RequestError("--prompt - reads stdin once; give it at most once", "prompt")
+    return texts
+
+
 def run(a) -> int:
-    request = request_from_args(a, a.prompt if a.prompt is not None else a.prompt_ids, skip=("text_tokens",))
-    eng = engine_from_args(a, backend=ONE_SHOT_BACKEND.get(a.device))
+    if a.threads:
+        if a.threads < 1:
+            raise RequestError(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+    prompts = prompts_of(a)
+    request = request_from_args(a, prompts[0] if len(prompts) == 1 else prompts, skip=("text_tokens",))
+    eng = engine_from_args(a, backend=ONE_SHOT_BACKEND.get(a.device), check=[request])   # checked before loading
     view = None
     if a.live and not a.json and sys.stdout.isatty():
         from .live import LiveView
         view = LiveView(eng, out=sys.stdout)
-    bar = StepBar(enabled=not (a.quiet or a.json) and view is None)   # the live view is its own progress
+    bar = ProgressBar(enabled=not (a.quiet or a.json) and view is None)   # the live view is its own progress
     try:
         out = eng.generate(request, on_step=view, progress=bar)
     finally:
