@@ -58,7 +58,7 @@ def test_soak_thousand_generations_memory_bounded(tiny_dirs):
         if n == len(combos) - 1:
             rss_warm = _rss_mb()
     seconds, rss_end = time.perf_counter() - t0, _rss_mb()
-    kept = {f: len(e._prepared) for f, e in engines.items()}
+    kept = {f: len(e._store) for f, e in engines.items()}
     print(f"\nsoak: {GENERATIONS} generations, {len(distinct)} distinct settings, {seconds:.1f} s; RSS start "
           f"{rss_start:.0f} MB, after the first pass {rss_warm:.0f} MB, end {rss_end:.0f} MB; prepared kept "
           f"{kept} (max_prepared {options.get('max_prepared', 'not available')})")
