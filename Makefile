@@ -1,9 +1,10 @@
 # Everything a fresh machine needs: `make demo` and `make test` create the virtual environment,
 # install torch 2.13.0 and the project. The pin fixes the version the tests run against, not the build:
 # pip installs whatever torch==2.13.0 wheel its index offers for the platform. On Linux x86_64 PyPI's
-# is the CUDA build (GBs of nvidia-* wheels), which `make gpu-check` needs; this dev machine gets the CPU
-# build from its local wheel folder. CPU-only elsewhere: create .venv and install torch==2.13.0 from
-# PyTorch's CPU-only wheel index first (see pytorch.org's install page), then make (the pin is then met).
+# is the CUDA build (GBs of nvidia-* wheels); this dev machine gets the CPU build from its local wheel
+# folder. CPU-only elsewhere: create .venv and install torch==2.13.0 from PyTorch's CPU-only wheel index
+# first (see pytorch.org's install page), then make (the pin is then met). `make gpu-check` makes no venv:
+# it installs the project into GPU_PYTHON, a Python that already holds a CUDA torch.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -45,8 +46,12 @@ lint: $(STAMP)   # ruff (pyproject.toml [tool.ruff]); make test runs it first
 bench: $(STAMP)
 	$(PY) -m dllm.perf.report
 
-gpu-check: $(STAMP)   # the first GPU run: tests, real-shape latencies, floors, baseline (no GPU: one line)
-	$(PY) -m dllm.perf.gpu_check
+# The first GPU run (docs/gpu.md), offline: into a Python that already holds a CUDA torch, no venv, no index.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-index -e .
+	$(strip $(GPU_PYTHON) -m dllm.perf.gpu_check $(GPU_CHECK_ARGS))
 
 clean:
 	rm -rf $(VENV) demo-models build *.egg-info

@@ -92,10 +92,10 @@ def test_gpu_check_says_no_gpu_in_one_line_and_exits_0(capsys, tmp_path):
     from dllm.perf import gpu_check
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: `make gpu-check` is the real run")
-    assert gpu_check.main(["--out", str(tmp_path / "r.md")]) == 0
+    assert gpu_check.main(["--out-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == gpu_check.NO_GPU and "\n" not in out.out.strip() and out.err == ""
-    assert out.out.startswith("no GPU") and not (tmp_path / "r.md").exists()
+    assert out.out.startswith("no GPU") and not (tmp_path / "out").exists()
 
 
 def test_gpu_check_names():
