@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -103,10 +104,24 @@ def _listing(names) -> str:
     return ", ".join(names[:5]) + more
 
 
+def stored_layers(names) -> int:
+    """How many layers the tensor names hold: 1 + the largest layer index in names like '...layers.N.'
+    or '...blocks.N.' (0 when none)."""
+    indices = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
+    return max(indices, default=-1) + 1
+
+
+_LAYER = re.compile(r"\.(?:layers|blocks)\.(\d+)\.")
+
+
 def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Weights:
     folder = Path(folder)
-    expected = checkpoint_names(cfg)
     where = _shard_map(folder)
+    held = stored_layers(where)
+    if cfg.n_layers > held:                  # before the name table of every layer is built (a million of them)
+        raise CheckpointError(f"{folder}: config.json says {cfg.n_layers} layers but the weights hold {held}; the "
+                              f"config and the weights do not belong together")
+    expected = checkpoint_names(cfg)
     missing, extra = set(expected) - set(where), set(where) - set(expected)
     hint = (f"config.json says {cfg.family} with {cfg.n_layers} layers, d={cfg.d_model}: the weights belong to a "
             f"different model, or a shard is missing")

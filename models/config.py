@@ -158,6 +158,10 @@ def parse_config(raw, path: Path = Path("config.json")) -> ModelConfig:
     d, n_heads, n_kv = v["d_model"], v["n_heads"], v["n_kv_heads"]
     f.problems += _shape_problems(d, n_heads, n_kv)
     ids = _ids(f, fam, v["vocab_size"])
+    for other in ("eos_id", "pad_id"):
+        if ids["mask_id"] == ids[other]:
+            f.problems.append(f"mask_token_id {ids['mask_id']} is also the {other.replace('_id', '')} id: the model "
+                              f"could not tell a masked position from the end of the text; fix config.json")
     f.done()
     return ModelConfig(family=fam.name, head_dim=d // n_heads, qkv_bias=fam.qkv_bias, shift_logits=fam.shift_logits,
                        rope_fp32=fam.rope_fp32, **v, **ids)
@@ -175,4 +179,6 @@ def load_config(folder: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a model config; download it again") from None
     return parse_config(raw, path)

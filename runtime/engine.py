@@ -74,7 +74,7 @@ def check_request(cfg: ModelConfig, defaults: GenerationDefaults, text: Text, re
     longest = max(len(p) for p in prompts)
     if cfg.max_seq_len and longest + req.gen_length > cfg.max_seq_len:
         raise RequestError(f"the prompt's {longest} tokens + gen_length {req.gen_length} exceed the model's maximum "
-                           f"sequence length {cfg.max_seq_len}; shorten the prompt or the response", "gen_length")
+                           f"sequence length {cfg.max_seq_len}; shorten the prompt or the response", "prompt")
     return req, s, prompts
 
 

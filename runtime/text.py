@@ -8,6 +8,7 @@ import json
 import logging
 import numbers
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,13 +116,15 @@ class Text:
         self.format = (re.compile(defaults.prompt_pattern), defaults.prompt_hint) \
             if defaults is not None and defaults.prompt_pattern else None
         self._tokenizer = None
+        self._lock = threading.RLock()      # one caller at a time: a fast tokenizer is not safe to share
         self.end_ids = frozenset(t for t in (cfg.eos_id, cfg.eot_id) if t is not None)
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None and self.folder is not None:
-            self._tokenizer = load_tokenizer(self.folder, self.trust_remote_code)
-        return self._tokenizer
+        with self._lock:
+            if self._tokenizer is None and self.folder is not None:
+                self._tokenizer = load_tokenizer(self.folder, self.trust_remote_code)
+            return self._tokenizer
 
     def usable(self):
         """The tokenizer, or None when there is none (or it needs custom code the caller did not allow):
@@ -139,9 +142,10 @@ class Text:
         return tok
 
     def _call(self, fn, *args):
-        """A tokenizer / template call, its failures as one RequestError."""
+        """A tokenizer / template call (one at a time), its failures as one RequestError."""
         try:
-            return fn(*args)
+            with self._lock:
+                return fn(*args)
         except (RequestError, CheckpointError):
             raise
         except Exception as e:              # a broken chat template (jinja) or tokenizer code
@@ -165,6 +169,8 @@ class Text:
         return self.encode_chat([{"role": "user", "content": text}]) if chat else self._encode(text, special)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        for m in messages:
+            prompt_parts(m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), str) else "")
         return self._encode(self.chat_text(messages), False)
 
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -205,7 +211,8 @@ class Text:
     # ---------------------------------------------------------------- ids -> text
 
     def decode(self, ids: list[int]) -> str:
-        return self._need().decode(ids, skip_special_tokens=True)
+        tok = self._need()
+        return self._call(lambda: tok.decode(ids, skip_special_tokens=True))
 
     def response(self, ids: list[int], stops: tuple[str, ...] = ()) -> Response:
         """A whole response row (final tokens) as text."""

@@ -290,3 +290,51 @@ def test_aoti_cuda_export_needs_the_toolkit(tmp_path):
                           "try:\n c()\nexcept Exception as e:\n print(type(e).__name__, e)"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert res.stdout.startswith("RequestError") and "CUDA toolkit" in res.stdout and res.stdout.count("\n") == 1
+
+
+# ---------------------------------------------------------------- one package rule for both loaders
+
+def _symlink_outside(pkg):
+    outside = pkg.parent / "outside-plan.json"
+    shutil.copy(pkg / "plan.json", outside)
+    (pkg / "plan.json").unlink()
+    (pkg / "plan.json").symlink_to(outside)             # same bytes, so the manifest still matches
+
+
+def _self_loop(pkg):
+    (pkg / "loop").symlink_to(pkg / "loop")
+
+
+def _crlf(pkg):
+    (pkg / "manifest.txt").write_bytes((pkg / "manifest.txt").read_bytes().replace(b"\n", b"\r\n"))
+
+
+def _format_says_aoti(pkg):
+    """A TorchScript package whose plan.json is an AOTI plan (state names, weights): only its files differ."""
+    plan = json.loads((pkg / "plan.json").read_text())
+    plan.update(format="aoti", state_names=["st_tokens"], weights=[["w_embed", "float32", [128, 64]]])
+    (pkg / "plan.json").write_text(json.dumps(plan))
+
+
+SAME_RULE = [  # (id, tampering, rewrite the manifest, what both loaders' one line says)
+    ("symlink-outside", _symlink_outside, False, "is a symbolic link"),
+    ("symlink-loop", _self_loop, False, "is a symbolic link"),
+    ("manifest-crlf", _crlf, False, "carriage return (CRLF)"),
+    ("format-mismatch", _format_says_aoti, True, "says format aoti, whose"),
+]
+
+
+@pytest.mark.parametrize("fn,rehash,needle", [pytest.param(*r[1:], id=r[0]) for r in SAME_RULE])
+def test_both_loaders_hold_one_package_rule(runner, pristine, fn, rehash, needle, tmp_path):
+    pkg = _tampered(pristine, "torchscript", fn, rehash, tmp_path)
+    with pytest.raises(ex.PackageError, match="^[^\n]*" + needle.replace("(", r"\(").replace(")", r"\)")):
+        mod, plan = ex.load(pkg)
+    res = subprocess.run([str(runner), str(pkg), "5,9,33"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr[-300:]
+
+
+def test_cpp_runner_refuses_arguments_it_does_not_use(runner, pristine):
+    for extra in (["extra"], ["--repeat", "x"], ["--repeat", "2", "more"]):
+        res = subprocess.run([str(runner), str(pristine["torchscript"]), "5,9,33", *extra], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and res.stderr.startswith("dllm_run: error: "), (extra, res.stderr)

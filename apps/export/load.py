@@ -17,7 +17,19 @@ from dllm.models.memory import available_bytes
 from dllm.runtime import RequestError
 from dllm.runtime.decoding import check_shape
 
-from .package import DTYPES, FORMATS, MANIFEST, PackageError, fill_specs, package_files, sha256, spec
+from .package import (
+    CRLF,
+    DTYPES,
+    FORMATS,
+    MANIFEST,
+    SYMLINK,
+    PackageError,
+    fill_specs,
+    format_files,
+    package_files,
+    sha256,
+    spec,
+)
 
 
 def check_manifest(pkg: Path) -> None:
@@ -26,8 +38,16 @@ def check_manifest(pkg: Path) -> None:
     if not path.is_file():
         raise PackageError(f"{pkg}: no {MANIFEST}; not a package written by `dllm export` (or written by an "
                            f"older version: export it again)")
+    for root, dirs, files in os.walk(pkg):              # os.walk never follows a link: each is seen, once
+        for name in dirs + files:
+            if Path(root, name).is_symlink():
+                raise PackageError(f"{Path(root, name)}: {SYMLINK}")
     listed: dict[str, str] = {}
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    data = path.read_bytes()
+    for i, raw in enumerate(data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"), 1):
+        if raw.endswith(b"\r"):
+            raise PackageError(f"{path}: line {i} {CRLF}")
+        line = raw.decode("utf-8", errors="replace")
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name \
                 or name.startswith("/") or ".." in name.split("/") or name in listed:
@@ -162,8 +182,12 @@ def load(pkg: str | Path):
     check_manifest(pkg)
     try:
         plan = check_plan(json.loads((pkg / "plan.json").read_text()), pkg)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackageError(f"{pkg}/plan.json: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PackageError(f"{pkg}/plan.json: not valid JSON ({str(e)[:80]})") from None
+    missing = [f for f in format_files(plan) if not (pkg / f).is_file()]
+    if missing:
+        raise PackageError(f"{pkg}: plan.json says format {plan['format']}, whose {missing[0]} the package lacks; "
+                           f"the package is inconsistent, export it again")
     device = torch.device(plan["device"])
     programs = ["fill", *plan["kinds"]]
     with warnings.catch_warnings():

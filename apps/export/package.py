@@ -46,6 +46,21 @@ def package_files(folder: Path) -> list[str]:
                   if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
 
 
+def format_files(plan: dict) -> list[str]:
+    """The files a package of plan.json's format must hold (beside plan.json and the manifest)."""
+    if plan["format"] == "aoti":
+        return ["state.txt", "weights.safetensors"] + [f"aoti/{k}.pt2" for k in ["fill", *plan["kinds"]]]
+    return ["steps.pt"]
+
+
+# The package rule both loaders hold (load.py here, cpp/dllm_run.cpp), checked before anything is read:
+# a package is plain files and folders, no symbolic link anywhere; manifest.txt lists every other file
+# once as "<64 hex sha256>  <relative path>" with LF line ends (a CR is refused as such); the names stay
+# inside the package; the hashes match; plan.json's format names files that are all there.
+SYMLINK = "is a symbolic link; a package holds plain files only, export it again"
+CRLF = "ends with a carriage return (CRLF); manifest.txt has LF line ends, export it again"
+
+
 def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text("".join(f"{sha256(folder / f)}  {f}\n" for f in package_files(folder)))
 

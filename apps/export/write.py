@@ -36,15 +36,19 @@ existing non-empty PKG is only replaced when asked (replace=True / --force).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from dllm.models.checkpoint import Weights
 from dllm.runtime import Request, RequestError
@@ -162,6 +166,36 @@ def check_out(out: Path, replace_existing: bool) -> None:
 
 
 @contextlib.contextmanager
+def _io_errors(out: Path):
+    """A write that fails (a full disk, a file-size limit, a read-only folder) is one PackageError line;
+    the file-size signal is ignored while writing, so such a write fails instead of killing the process.
+    Other failures (a step that cannot be traced) pass through as they are."""
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield
+    except Exception as e:
+        cause = next((c for c in _chain(e) if isinstance(c, OSError)), None)
+        if cause is None and not isinstance(e, SafetensorError):
+            raise
+        text = (cause.strerror or str(cause)) if cause is not None else str(e).splitlines()[0]
+        raise PackageError(f"cannot write the package at {out}: {text[:200]}; the folder was left as it was") \
+            from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGXFSZ, old)
+
+
+def _chain(e: BaseException):
+    """An exception and the ones it was raised from or during."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+@contextlib.contextmanager
 def _staging(out: Path):
     """A temporary folder beside `out`; on success it becomes `out` (an old package is replaced only
     then), on any failure it is removed and `out` is left as it was."""
@@ -222,7 +256,12 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
     padded = torch.full((1, P), cfg.pad_id, dtype=torch.int64, device=dev)
     n_pad = torch.tensor([P - 1], device=dev)
     padded[0, -1] = 3 if cfg.mask_id != 3 else 4
-    with _staging(out) as tmp:
+    need = 2 * (sum(t.numel() * t.element_size() for t in engine.weights.tensors().values()) + prep.nbytes)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if need > free:
+        raise PackageError(f"the package needs about {need / 2**30:.2f} GiB at {out.parent} but the disk has "
+                           f"{free / 2**30:.2f} GiB free; free some space or choose another --out")
+    with _staging(out) as tmp, _io_errors(out):
         t0 = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")       # TorchScript is deprecated in torch >= 2.11 and says so per call
@@ -236,7 +275,9 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
                 dummy = torch.zeros(1, device=dev)
                 traced = torch.jit.trace_module(mod, {"fill": (padded, n_pad), **{k: (dummy,) for k in kinds}},
                                                 check_trace=False)
-                traced.save(str(tmp / "steps.pt"))
+                buffer = io.BytesIO()              # written by Python: a full disk is an OSError, not an abort
+                torch.jit.save(traced, buffer)
+                (tmp / "steps.pt").write_bytes(buffer.getvalue())
         info = {
             "format": fmt, "family": cfg.family, "batch": 1, "prompt_bucket": P,
             "gen_length": shape.gen_length, "block_length": shape.block_length, "steps": shape.steps,

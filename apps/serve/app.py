@@ -22,7 +22,7 @@ from dllm.runtime import BlockEvent, Engine, RequestError
 
 from .metrics import Metrics
 from .protocol import ApiError, Reply, ServeOptions, bad, chat_ids, parse_request, prompt_ids, refused, usage
-from .worker import Failed, Finished, Job, QueueFull, Worker
+from .worker import Failed, Finished, Job, QueueFull, ShuttingDown, TimedOut, Worker
 
 access = logging.getLogger("dllm.serve.access")     # one line per request; dllm serve shows it on stderr
 OPEN_PATHS = ("/health", "/metrics")                 # answered without the API key
@@ -31,6 +31,10 @@ OPEN_PATHS = ("/health", "/metrics")                 # answered without the API 
 def failure(error: BaseException) -> ApiError:
     if isinstance(error, (RequestError, CheckpointError)):
         return refused(error)
+    if isinstance(error, TimedOut):
+        return ApiError(504, str(error), type="timeout_error", code="request_timeout")
+    if isinstance(error, ShuttingDown):
+        return ApiError(503, str(error), type="server_error", code="shutting_down")
     return ApiError(500, f"the engine failed: {type(error).__name__}: {error}", type="server_error")
 
 
@@ -45,11 +49,10 @@ class Service:
         endpoint = "chat" if chat else "completions"
         job = None
         try:
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise bad(f"the request body is not valid JSON: {e}") from None
-            req = parse_request(body, chat=chat, opts=self.opts, engine=self.engine)
+            body = await self.body(request)
+            # tokenizing a long prompt takes seconds: off the event loop, so /health and streams keep going
+            req = await anyio.to_thread.run_sync(
+                lambda: parse_request(body, chat=chat, opts=self.opts, engine=self.engine))
             try:
                 job = self.worker.submit(req, endpoint)
             except QueueFull:
@@ -77,6 +80,25 @@ class Service:
                                        shutdown_grace_period=self.opts.drain_seconds)
         self.log(endpoint, 200, job, first.generation)
         return JSONResponse(self.whole(job, first, reply))
+
+    async def body(self, request: Request):
+        """The JSON body, read up to --max-body-bytes (413 beyond: nothing larger is held or parsed)."""
+        limit = self.opts.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise bad("the request body is nested too deeply to parse") from None
 
     def log(self, endpoint: str, status: int, job: Job | None, gen=None) -> None:
         """The access line: id, status, endpoint, tokens, steps, seconds, queue wait, batch."""
@@ -164,11 +186,13 @@ class Service:
     async def tokenize(self, request: Request) -> Response:
         """{"prompt": text} or {"messages": [...]} (the chat template) -> the ids the server would run."""
         try:
-            body = await _body(request)
-            if "messages" in body:
-                ids = chat_ids(self.engine.text, body["messages"])
-            else:
-                ids = prompt_ids(self.engine.text, body.get("prompt"))
+            body = await self.body(request)
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            text = self.engine.text
+            encode = (lambda: chat_ids(text, body["messages"])) if "messages" in body else \
+                (lambda: prompt_ids(text, body.get("prompt")))
+            ids = await anyio.to_thread.run_sync(encode)
         except ApiError as e:
             return e.response()
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.cfg.max_seq_len})
@@ -176,7 +200,9 @@ class Service:
     async def detokenize(self, request: Request) -> Response:
         """{"tokens": [ids]} -> {"prompt": text} (special tokens kept, as vLLM's)."""
         try:
-            body = await _body(request)
+            body = await self.body(request)
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
             ids, V = body.get("tokens"), self.engine.cfg.vocab_size
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V
                                                     for t in ids):
@@ -186,19 +212,21 @@ class Service:
         return JSONResponse({"prompt": self.engine.tokenizer.decode(ids)})
 
 
-async def _body(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    return body
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body is {size} bytes or more; this server takes at most {limit} "
+                         f"(dllm serve --max-body-bytes)", code="request_too_large")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected is still an OpenAI-shaped JSON error, never a plain-text 500."""
+    return ApiError(500, f"{request.method} {request.url.path} failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no message'}",
+                    type="server_error").response()
 
 
 class BearerAuth:
@@ -227,7 +255,7 @@ def create_app(engine: Engine, opts: ServeOptions) -> Starlette:
     metrics.prepare_seconds.set(engine.prepare_seconds)
     for b in opts.buckets:
         metrics.prepared.labels(b.prompt, b.gen_length, b.steps, b.block, b.batch).set(1)
-    service = Service(engine, opts, metrics, Worker(engine, opts.queue, metrics, opts.max_batch))
+    service = Service(engine, opts, metrics, Worker(engine, opts.queue, metrics, opts.max_batch, opts.request_timeout))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -235,6 +263,9 @@ def create_app(engine: Engine, opts: ServeOptions) -> Starlette:
         try:
             yield
         finally:
+            waiting = service.worker.waiting + len(service.worker._running)
+            if waiting:
+                access.info("shutting down: finishing %d running and queued request(s)", waiting)
             await anyio.to_thread.run_sync(service.worker.stop)
 
     routes = [Route("/v1/completions", service.completions, methods=["POST"]),
@@ -244,7 +275,8 @@ def create_app(engine: Engine, opts: ServeOptions) -> Starlette:
               Route("/detokenize", service.detokenize, methods=["POST"]),
               Route("/health", service.health, methods=["GET"]),
               Route("/metrics", service.metrics_text, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.service = service
     if opts.api_key:
         app.add_middleware(BearerAuth, key=opts.api_key)

@@ -32,7 +32,9 @@ non-streamed text.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
 import socket
 import sys
 from dataclasses import replace
@@ -53,6 +55,7 @@ from dllm.runtime.request import DECODING_OPTIONS
 
 from .app import create_app
 from .protocol import ServeOptions
+from .worker import ShuttingDown
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -92,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "policy on a declared --bucket; the default with buckets), shapes (anything; the "
                          "default without buckets) or nothing")
     ap.add_argument("--queue", type=int, default=32, help="requests that may wait for the engine; more get 429")
+    ap.add_argument("--max-tokens-limit", type=int, default=None,
+                    help="the most max_tokens a request may ask for (default: where new shapes are "
+                         "prepared on demand, 4 x the model's default length or the largest --bucket's, if more; "
+                         "else the buckets bound it)")
+    ap.add_argument("--request-timeout", type=float, default=600.0,
+                    help="seconds from arrival after which a request is stopped and answered 504 (default 600)")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="larger request bodies are refused with 413 before they are read in full (default 1 MiB)")
     ap.add_argument("--api-key", default=None,
                     help="require `Authorization: Bearer KEY` on every endpoint but /health and /metrics "
                          "(default: $DLLM_API_KEY when set, else no key)")
@@ -124,16 +135,31 @@ def startup_decodings(family: str, base: Request) -> list[dict]:
 
 
 class ReadyServer(uvicorn.Server):
-    """uvicorn's server that prints one line once it accepts connections."""
+    """uvicorn's server that prints one line once it accepts connections and knows how it stopped: the
+    first Ctrl-C or SIGTERM drains (running and queued requests finish), a second one drops them, each
+    client answered 503, half a second before the server goes."""
 
     def __init__(self, config: uvicorn.Config, ready_line: str):
         super().__init__(config)
         self.ready_line = ready_line
+        self.signals: list[str] = []
+        self.dropped = 0
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
         if not self.should_exit:
             print(self.ready_line, flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        self.signals.append(signal.Signals(sig).name)
+        if not self.should_exit:
+            print(f"dllm serve: {self.signals[-1]}: draining (again to stop at once)", file=sys.stderr, flush=True)
+            self.should_exit = True
+            return
+        service = self.config.app.state.service
+        self.dropped += service.worker.drop_all(ShuttingDown("the server was stopped before this request finished "
+                                                             "(a second Ctrl-C / SIGTERM); retry it"))
+        asyncio.get_event_loop().call_later(0.5, setattr, self, "force_exit", True)
 
 
 def main(argv: list[str]) -> int:
@@ -141,8 +167,11 @@ def main(argv: list[str]) -> int:
     a = parser.parse_args(argv)
     if a.queue < 0:
         parser.error(f"--queue must be >= 0, got {a.queue}")
-    if a.max_batch < 1:
-        parser.error(f"--max-batch must be >= 1, got {a.max_batch}")
+    for name in ("max_batch", "max_body_bytes", "max_tokens_limit"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not a.request_timeout > 0:
+        parser.error(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -171,25 +200,35 @@ def main(argv: list[str]) -> int:
         print(f"dllm serve: error: {e}", file=sys.stderr)
         restore()
         return 2
+    limit = a.max_tokens_limit or (max([4 * base.gen_length] + [b.gen_length for b in a.bucket])
+                                   if engine.prepare_on_demand == "shapes" else float("inf"))
     opts = ServeOptions(model_name=os.path.basename(os.path.normpath(a.model)), request=base,
                         buckets=tuple(buckets), queue=a.queue, drain_seconds=a.drain_seconds,
-                        max_batch=a.max_batch, api_key=a.api_key or os.environ.get("DLLM_API_KEY") or None)
+                        max_batch=a.max_batch, api_key=a.api_key or os.environ.get("DLLM_API_KEY") or None,
+                        max_tokens_limit=max(limit, base.gen_length), request_timeout=a.request_timeout,
+                        max_body_bytes=a.max_body_bytes)
     host, port = sock.getsockname()[:2]
     prepared = (f"{len(a.bucket)} bucket(s) x batch {', '.join(map(str, batch_sizes(a.max_batch)))} x "
                 f"{len(decodings)} decodings in {engine.prepare_seconds:.1f} s" if a.bucket else
                 "none (shapes are prepared on first use)")
     ready = (f"dllm serve: ready on http://{host}:{port} (model {opts.model_name}, policy {base.policy.name}, "
-             f"max_tokens {base.gen_length}, max batch {a.max_batch}, queue {a.queue}, prepared: {prepared}"
+             f"max_tokens {base.gen_length} (limit {opts.max_tokens_limit:g}), max batch {a.max_batch}, "
+             f"queue {a.queue}, prepared: {prepared}"
              f"{', API key required' if opts.api_key else ''})")
     config = uvicorn.Config(create_app(engine, opts), log_level=a.log_level,
                             access_log=a.log_level in ("info", "debug"), timeout_graceful_shutdown=None)
     server = ReadyServer(config, ready)
+    for sig in (signal.SIGINT, signal.SIGTERM):    # uvicorn re-raises the signals it handled once it has
+        signal.signal(sig, lambda *_: None)          # stopped: with these they end nothing more
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:          # uvicorn re-raises the Ctrl-C it handled after draining: a clean stop
-        pass
     finally:
         sock.close()
-        print("dllm serve: stopped", file=sys.stderr, flush=True)
         restore()
+    how = f" by {' then '.join(server.signals)}" if server.signals else ""
+    if server.dropped:
+        print(f"dllm serve: stopped{how}: {server.dropped} request(s) dropped, their clients answered 503",
+              file=sys.stderr, flush=True)
+        return 1
+    print(f"dllm serve: stopped{how}: every request finished", file=sys.stderr, flush=True)
     return 0

@@ -50,8 +50,10 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 def refused(e: RequestError | CheckpointError, length_field: str = "max_tokens") -> ApiError:
     """A runtime refusal as a 400 naming the field the client sent (gen_length is its max_tokens)."""
-    name = getattr(e, "param", None)
-    return bad(str(e), length_field if name == "gen_length" else name)
+    name, message = getattr(e, "param", None), str(e)
+    if name == "gen_length":
+        name, message = length_field, message.replace("gen_length", length_field)
+    return bad(message, name)
 
 
 # ---------------------------------------------------------------- request parsing
@@ -66,6 +68,9 @@ class ServeOptions:
     drain_seconds: float = 30.0
     max_batch: int = 1
     api_key: str | None = None
+    max_tokens_limit: float = float("inf")  # the most max_tokens a request may ask for
+    request_timeout: float = 600.0         # seconds from arrival after which a request is stopped (504)
+    max_body_bytes: int = 1 << 20          # larger request bodies are refused (413) before they are parsed
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,15 @@ class ServeRequest:
     include_usage: bool = False
 
 
+def _inert(value, allowed: tuple) -> bool:
+    """value is one of the allowed defaults, of the same type (True is not 1)."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
 def _check_fields(body: dict, allowed: set[str]) -> None:
     for key, value in body.items():
         if key in INERT_FIELDS:
-            if value not in INERT_FIELDS[key]:
+            if not _inert(value, INERT_FIELDS[key]):
                 raise bad(f"{key}={value!r} is not supported by this server (it runs one sequence without "
                           f"logprobs, penalties or tools); leave it out", key, "unsupported_parameter")
         elif key not in allowed and key not in IGNORED_FIELDS:
@@ -95,6 +105,7 @@ def parse_request(body, *, chat: bool, opts: ServeOptions, engine: Engine) -> Se
     text = engine.text
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}    # null means the default (as OpenAI's API)
     main = {"messages", "max_completion_tokens"} if chat else {"prompt"}
     _check_fields(body, main | set(OPENAI_FIELDS) | set(BODY_OPTIONS) | set(policy_option_names()))
     model = body.get("model", opts.model_name)
@@ -117,12 +128,17 @@ def parse_request(body, *, chat: bool, opts: ServeOptions, engine: Engine) -> Se
         structure = request.check(text.cfg).structure
     except RequestError as e:
         raise refused(e, length) from None
+    asked = request.text_tokens or request.gen_length          # steps <= G: G bounds the work
+    if asked > opts.max_tokens_limit:
+        raise bad(f"{length} {asked} is over this server's limit of {opts.max_tokens_limit:g}; ask for fewer, or "
+                  f"start dllm serve with --max-tokens-limit {asked}", length, "over_limit")
     try:
         engine.check(request)
     except RequestError as e:
         if e.param == "gen_length":               # the shape: no bucket has it, none is prepared on demand
             raise bad(_no_bucket(request, opts, len(ids)), length, "no_bucket") from None
         raise refused(e, length) from None
+
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -29,6 +29,14 @@ class Cancelled(Exception):
     """Raised from the progress hook to stop a generation whose clients all went away."""
 
 
+class TimedOut(Exception):
+    """A request that ran (or waited) past the server's --request-timeout."""
+
+
+class ShuttingDown(Exception):
+    """A request dropped because the server was told to stop at once (a second Ctrl-C)."""
+
+
 @dataclass(frozen=True)
 class Finished:
     generation: Generation
@@ -51,6 +59,8 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     batch: int = 1                         # rows of the batch it ran in
+    timeout: float = float("inf")          # seconds from arrival it may take
+    ended: BaseException | None = None     # why it stops early (TimedOut, ShuttingDown), once decided
 
     def post(self, item) -> None:
         """Hand an item to the request's coroutine (called from the worker thread)."""
@@ -60,6 +70,17 @@ class Job:
     def queue_seconds(self) -> float:
         return (self.started_at or time.perf_counter()) - self.queued_at
 
+    def overdue(self) -> bool:
+        if self.ended is None and time.perf_counter() - self.queued_at > self.timeout:
+            self.ended = TimedOut(f"the request took longer than this server allows ({self.timeout:g} s, dllm serve "
+                                  f"--request-timeout); ask for fewer tokens or steps, or retry")
+        return self.ended is not None
+
+    @property
+    def gone(self) -> bool:
+        """Nobody waits for its result any more (its client left, it timed out, or it was dropped)."""
+        return self.cancel.is_set() or self.overdue()
+
 
 def batch_key(job: Job) -> tuple:
     """What jobs must share to run as one batch."""
@@ -68,8 +89,11 @@ def batch_key(job: Job) -> tuple:
 
 
 class Worker:
-    def __init__(self, engine: Engine, capacity: int, metrics: Metrics, max_batch: int = 1):
+    def __init__(self, engine: Engine, capacity: int, metrics: Metrics, max_batch: int = 1,
+                 timeout: float = float("inf")):
         self.engine, self.capacity, self.metrics, self.max_batch = engine, capacity, metrics, max_batch
+        self.timeout = timeout
+        self._running: list[Job] = []
         self._queue: deque[Job | None] = deque()
         self._cv = threading.Condition()
         self.waiting = 0
@@ -90,7 +114,7 @@ class Worker:
             self._thread = None
 
     def submit(self, request: ServeRequest, endpoint: str) -> Job:
-        job = Job(request, endpoint, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(request, endpoint, asyncio.get_running_loop(), asyncio.Queue(), timeout=self.timeout)
         with self._cv:
             if self.waiting >= self.capacity:
                 raise QueueFull
@@ -110,6 +134,20 @@ class Worker:
             elif job.state == "running":
                 job.cancel.set()
 
+    def drop_all(self, why: ShuttingDown) -> int:
+        """Stop now: every queued and running job ends with `why` (its client gets an error at once; a
+        running batch stops at its next step). Returns how many were dropped."""
+        with self._cv:
+            dropped = [j for j in self._queue if j is not None and j.state == "queued"] + \
+                [j for j in self._running if j.ended is None and not j.cancel.is_set()]
+            for job in dropped:
+                if job.state == "queued":
+                    job.state = "dropped"
+                    self.waiting -= 1
+                job.ended = why
+                job.post(Failed(why))
+            return len(dropped)
+
     def _next_batch(self) -> list[Job] | None:
         """The oldest queued job and the queued jobs that can share its batch (None: stop)."""
         with self._cv:
@@ -119,6 +157,11 @@ class Worker:
                 if head is None:
                     return None
                 if head.state != "queued":
+                    continue
+                if head.overdue():                     # waited past its timeout: never run it
+                    head.state = "dropped"
+                    self.waiting -= 1
+                    head.post(Failed(head.ended))
                     continue
                 batch, key = [head], batch_key(head)
                 for job in list(self._queue):
@@ -131,6 +174,7 @@ class Worker:
                 for job in batch:
                     job.state, job.started_at, job.batch = "running", now, len(batch)
                 self.waiting -= len(batch)
+                self._running = batch
                 return batch
 
     def _loop(self) -> None:
@@ -141,12 +185,12 @@ class Worker:
         m = self.metrics
 
         def progress(launched: int, planned: int) -> None:     # host-side only: no device read
-            if all(job.cancel.is_set() for job in batch):
+            if all(job.gone for job in batch):
                 raise Cancelled
 
         def on_block(event: BlockEvent) -> None:
             for row, job in enumerate(batch):
-                if job.request.stream and not job.cancel.is_set():
+                if job.request.stream and not job.gone:
                     job.post(BlockEvent(event.index, [event.tokens[row]]))
 
         streaming = any(job.request.stream for job in batch)
@@ -157,8 +201,7 @@ class Worker:
                                               on_block=on_block if streaming else None)
         except Cancelled as e:
             for job in batch:
-                m.requests.labels(job.endpoint, "cancelled").inc()
-                job.post(Failed(e))
+                self._end(job, e)
         except Exception as e:                 # RequestError/CheckpointError: the request; others: ours
             bad_request = isinstance(e, (RequestError, CheckpointError))
             for job in batch:
@@ -173,9 +216,8 @@ class Worker:
             m.tokens_per_second.set(sum(len(g.tokens[0]) for g in gens) / gen.seconds if gen.seconds > 0 else 0)
             for job, g in zip(batch, gens):
                 m.generated_tokens.inc(len(g.tokens[0]))
-                if job.cancel.is_set():
-                    m.requests.labels(job.endpoint, "cancelled").inc()
-                    job.post(Failed(Cancelled()))
+                if job.gone:
+                    self._end(job, Cancelled())
                 else:
                     m.requests.labels(job.endpoint, "ok").inc()
                     job.post(Finished(g))
@@ -183,4 +225,14 @@ class Worker:
             with self._cv:
                 for job in batch:
                     job.state = "done"
+                self._running = []
             m.running.set(0)
+
+    def _end(self, job: Job, e: BaseException) -> None:
+        """A job that stops without its result: timed out, dropped (already told), or cancelled."""
+        if isinstance(job.ended, ShuttingDown):
+            self.metrics.requests.labels(job.endpoint, "dropped").inc()
+            return
+        outcome = "timeout" if isinstance(job.ended, TimedOut) else "cancelled"
+        self.metrics.requests.labels(job.endpoint, outcome).inc()
+        job.post(Failed(job.ended or e))

@@ -295,15 +295,23 @@ std::string sha256_of(const fs::path& path) {
   return h.hex();
 }
 
-// manifest.txt: "<sha256>  <relative path>" for every other file of the package.
+// The package rule both loaders hold (apps/export/package.py says it in full): plain files and folders, no
+// symbolic link anywhere; manifest.txt lists every other file once as "<sha256>  <relative path>" with LF
+// line ends (a CR is refused as such); names stay inside the package; every hash matches.
+const char* kSymlink = "is a symbolic link; a package holds plain files only, export it again";
+const char* kCrlf = "ends with a carriage return (CRLF); manifest.txt has LF line ends, export it again";
+
 void check_manifest(const fs::path& pkg) {
   const auto manifest = pkg / "manifest.txt";
   if (!fs::is_regular_file(manifest))
     fail(pkg.string() + ": no manifest.txt; not a package written by `dllm export` (or an older one: export it again)");
+  for (const auto& entry : fs::recursive_directory_iterator(pkg))      // never follows a link: each is seen once
+    if (entry.is_symlink()) fail(entry.path().string() + ": " + kSymlink);
   std::map<std::string, std::string> listed;
   std::istringstream lines(read_file(manifest));
   std::string line;
   for (int n = 1; std::getline(lines, line); ++n) {
+    if (!line.empty() && line.back() == '\r') fail(manifest.string() + ": line " + std::to_string(n) + " " + kCrlf);
     auto sep = line.find("  ");
     std::string digest = line.substr(0, sep), name = sep == std::string::npos ? "" : line.substr(sep + 2);
     bool ok = sep == 64 && !name.empty() && name[0] != '/' && name.find("..") == std::string::npos &&
@@ -624,7 +632,14 @@ int run(int argc, char** argv) {
   const fs::path pkg = argv[1];
   const auto prompt = parse_ids(argv[2]);
   int repeat = 1;
-  if (argc >= 5 && std::string(argv[3]) == "--repeat") repeat = std::max(1, std::atoi(argv[4]));
+  if (argc == 5 && std::string(argv[3]) == "--repeat") {
+    char* end = nullptr;
+    long n = std::strtol(argv[4], &end, 10);
+    if (*argv[4] == '\0' || *end != '\0' || n < 1) fail(std::string("--repeat takes an integer >= 1, got '") + argv[4] + "'");
+    repeat = static_cast<int>(n);
+  } else if (argc != 3) {
+    fail(std::string("unexpected argument '") + argv[3] + "'; usage: dllm_run PKG 1,2,3 [--repeat N]");
+  }
 
   if (!fs::is_regular_file(pkg / "plan.json"))
     fail("cannot read " + (pkg / "plan.json").string() + "; PKG must be a folder written by `dllm export`");
@@ -646,6 +661,15 @@ int run(int argc, char** argv) {
   for (const auto& k : plan.steps) order.push_back(std::find(plan.kinds.begin(), plan.kinds.end(), k) - plan.kinds.begin());
   torch::NoGradGuard no_grad;
   const at::Device dev = plan.device == "cuda" ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  std::vector<std::string> needed = {"steps.pt"};            // the files plan.json's format names
+  if (plan.format == "aoti") {
+    needed = {"state.txt", "weights.safetensors", "aoti/fill.pt2"};
+    for (const auto& k : plan.kinds) needed.push_back("aoti/" + k + ".pt2");
+  }
+  for (const auto& f : needed)
+    if (!fs::is_regular_file(pkg / f))
+      fail(pkg.string() + ": plan.json says format " + plan.format + ", whose " + f +
+           " the package lacks; the package is inconsistent, export it again");
   std::unique_ptr<Package> prog;
   if (plan.format == "aoti")
     prog = std::make_unique<AotiPackage>(pkg, plan, dev);
