@@ -1,13 +1,13 @@
 """The headline report for this machine (also `dllm bench`).
 
-    python -m dllm.perf.report [--family llada dream] [--preset small] [--update-readme]
+    python -m dllm.perf.report [--family llada dream] [--preset small] [--update-docs]
 
 Per family, in one run: every policy's end-to-end seconds, tokens/s, speedup over NoCache and token
 agreement with it (perf.e2e), in the default dtype (bfloat16 where the device has it natively) and in
 --compare-dtype; every step kind of every policy under every available backend, its ratio to eager,
 its FLOPs, bytes, roofline floor from the matmul peak and bandwidth measured in the same run, and the
 achieved fraction of that floor (perf.roofline); the same kinds in --compare-dtype. Prints Markdown;
---update-readme rewrites the README section between the perf.report markers with it.
+--update-docs rewrites the section of docs/performance.md between the perf.report markers with it.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def report(a) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str, readme: Path = ROOT / "README.md") -> None:
+def update_docs(text: str, readme: Path = ROOT / "docs" / "performance.md") -> None:
     src = readme.read_text()
     if BEGIN not in src or END not in src:
         raise SystemExit(f"{readme} has no {BEGIN} ... {END} section to update")
@@ -156,16 +156,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--update-docs", action="store_true", help="write the tables into docs/performance.md")
     a = ap.parse_args(argv)
-    a.argv = [x for x in argv if x != "--update-readme"]
+    a.argv = [x for x in argv if x != "--update-docs"]
     a.progress = lambda msg: print(f"[dllm bench] {msg}", file=sys.stderr, flush=True)
     if a.preset in SHAPE_PRESETS and a.device != "cuda":
         ap.error(f"--preset {a.preset} has real dimensions: run it on a GPU (--device cuda)")
     text = report(a)
     print(text)
-    if a.update_readme:
-        update_readme(text)
+    if a.update_docs:
+        update_docs(text)
     return 0
 
 

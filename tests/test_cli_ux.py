@@ -1,19 +1,12 @@
 """Using dllm the way people use an inference runtime (issue 15): `--version`, defaults for the response
-length and step count, progress of long work on stderr (none under --json or --quiet), and every
-runnable shell example of the README, run as written from the repository root.
-
-README examples: every line of a ```bash block that starts with `.venv/bin/` runs, in order, unless it
-ends with a comment that starts with `# needs` (`# needs a GPU`, `# needs an 8B folder`) or `# slow`. A
-trailing `# prints X` comment is checked: X must appear on stdout.
-"""
+length and step count, progress of long work on stderr (none under --json or --quiet). The README's and
+docs' examples run in tests/test_docs.py."""
 import io
 import json
 import logging
 import re
-import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -124,63 +117,3 @@ def test_step_bar(monkeypatch):
     assert not ProgressBar(enabled=True).enabled     # never a bar into a pipe or a file
 
 
-def readme_commands(text: str) -> list[str]:
-    """The runnable lines of the ```bash blocks of a README (continuation lines joined)."""
-    cmds = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in re.sub(r"\\\n\s*", "", block).splitlines():
-            line = line.strip()
-            comment = line.split(" #", 1)[1] if " #" in line else ""
-            if line.startswith(".venv/bin/") and not SKIP_MARK.search("#" + comment):
-                cmds.append(line)
-    return cmds
-
-
-def run_readme_commands(cmds: list[str], root: Path, workdir: Path, workers: int = 2) -> list[tuple[str, float]]:
-    """Run the commands in a folder that mirrors the repository (its entries linked, so what they write
-    under build/ or demo-models/ lands in workdir), two at a time; a command that names a folder an
-    earlier command wrote (`--out DIR`) waits for that command. Returns (command, seconds) per command."""
-    for entry in root.iterdir():
-        if entry.name not in ("build", "demo-models", ".git"):
-            (workdir / entry.name).symlink_to(entry)
-
-    def one(cmd: str, deps: list) -> tuple[str, float]:
-        for d in deps:
-            d.result()
-        t0 = time.perf_counter()
-        res = subprocess.run(["bash", "-c", cmd], cwd=workdir, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"README example failed ({res.returncode}): {cmd}\n{res.stderr[-2000:]}"
-        want = PRINTS.search(cmd.split(" #", 1)[1]) if " #" in cmd else None
-        if want:
-            assert want.group(1) in res.stdout, f"{cmd}: expected {want.group(1)!r} on stdout, got {res.stdout!r}"
-        return cmd, time.perf_counter() - t0
-
-    writers: dict[str, Future] = {}
-    futures = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:   # tasks start in submission order: no deadlock
-        for cmd in cmds:
-            deps = [f for out, f in writers.items() if out in cmd]
-            fut = pool.submit(one, cmd, deps)
-            futures.append(fut)
-            for out in re.findall(r"--out\s+(\S+)", cmd):
-                writers[out] = fut
-        return [f.result() for f in futures]
-
-
-def test_readme_examples(tmp_path):
-    if not (ROOT / ".venv" / "bin" / "dllm").exists():
-        pytest.skip("no .venv/bin/dllm: the README examples assume `make demo` / `make test` made .venv/")
-    text = (ROOT / "README.md").read_text()
-    if "## Quick start" not in text:
-        pytest.skip("the README's examples are not marked for running yet (no Quick start section)")
-    cmds = readme_commands(text)
-    assert any("models/trained/arith-llada" in c for c in cmds) and any("dllm.models.tiny" in c for c in cmds)
-    run_readme_commands(cmds, ROOT, tmp_path)
-
-
-def test_readme_command_selection():
-    text = ("```bash\n.venv/bin/dllm --version\n.venv/bin/dllm generate --model ./LLaDA-8B \\\n    --steps 8  "
-            "# needs an 8B folder\n.venv/bin/python -m pytest perf/   # slow: minutes\nmake demo\n"
-            "cmake --build build/cpp -j2\n.venv/bin/dllm generate --prompt x   # prints 31284\n```\n"
-            "```python\n.venv/bin/not-shell\n```\n")
-    assert readme_commands(text) == [".venv/bin/dllm --version", ".venv/bin/dllm generate --prompt x   # prints 31284"]

@@ -59,7 +59,7 @@ def test_report_prints_tables_and_updates_a_readme(capsys, tmp_path, device):
     assert "| none | " in out and "| d2cache:k=4,attn_budget=4 | " in out and "| verify | " in out
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.BEGIN}\nold\n{report.END}\nrest\n")
-    report.update_readme("NEW TABLE", readme)
+    report.update_docs("NEW TABLE", readme)
     assert readme.read_text() == f"# x\n{report.BEGIN}\nNEW TABLE\n{report.END}\nrest\n"
 
 
