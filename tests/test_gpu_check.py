@@ -135,14 +135,17 @@ def test_fault_parts_are_refused_outside_a_dry_run(capsys):
 def test_make_gpu_check_asks_no_registry_and_makes_no_venv(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
-    res = subprocess.run(["make", "-n", "gpu-check", "GPU_PYTHON=/opt/torch/.venv/bin/python3",
-                          f"VENV={tmp_path / 'never'}"], cwd=ROOT, capture_output=True, text=True)
+    # CI runs the suite inside `make test`: a clean environment keeps the outer make's MAKEFLAGS/MAKELEVEL out
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    res = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check", "GPU_PYTHON=/opt/torch/.venv/bin/python3",
+                          f"VENV={tmp_path / 'never'}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [             # the whole recipe: no venv, no index, nothing but the project
         "/opt/torch/.venv/bin/python3 -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation "
         "--no-index -e .",
         "/opt/torch/.venv/bin/python3 -m dllm.perf.gpu_check"]
-    default = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True).stdout
+    default = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check"], cwd=ROOT, capture_output=True,
+                             text=True, env=env).stdout
     assert default.startswith("python3 -m pip install") and "venv" not in default
 
 

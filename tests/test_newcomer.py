@@ -139,8 +139,12 @@ def test_progress_true_draws_a_bar_and_long_preparation_ticks(monkeypatch):
     assert lines and lines[0].startswith("preparing full (compile) ... ")
 
 
-def test_make_demo_installs_only_what_it_needs():
-    res = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, check=True)
+def test_make_demo_installs_only_what_it_needs(tmp_path):
+    # a venv that does not exist yet (so make prints the set-up recipe even where .venv is built), and a clean
+    # environment (CI runs the suite inside `make test`: the outer make's MAKEFLAGS/MAKELEVEL stay out)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    res = subprocess.run(["make", "-n", "--no-print-directory", "demo", f"VENV={tmp_path / 'fresh'}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env)
     installs = [line for line in res.stdout.splitlines() if "pip install" in line]
     assert installs and not any("[test" in line or "serve" in line or "eval" in line for line in installs)
     assert "examples/demo.py" in res.stdout and "== make demo" in res.stdout
