@@ -17,6 +17,7 @@ from safetensors import safe_open
 from .config import CheckpointError, ModelConfig, load_config
 from .family import FAMILIES
 from .memory import check_fits
+from .parallel import Shard
 
 
 @dataclass
@@ -31,9 +32,13 @@ class Weights:
     w_down: torch.Tensor       # [nL, d, F]
     final_norm: torch.Tensor   # [d]
     head: torch.Tensor         # [V, d]             the embedding itself when tied
+    shard: Shard = Shard()     # the tensor-parallel rank these weights are (q, kv, F and V above are 1/N each)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {n: t for n in TENSOR_FIELDS if (t := getattr(self, n)) is not None}
+
+
+TENSOR_FIELDS = tuple(f.name for f in fields(Weights) if f.name != "shard")
 
 
 def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None, slice | None, tuple[int, ...]]]:
@@ -114,7 +119,10 @@ def stored_layers(names) -> int:
 _LAYER = re.compile(r"\.(?:layers|blocks)\.(\d+)\.")
 
 
-def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Weights:
+def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, device="cpu",
+                 shard: Shard = Shard()) -> Weights:
+    """The weights of a checkpoint folder (shard: only this tensor-parallel rank's heads, FFN columns and
+    vocabulary rows are read and allocated)."""
     folder = Path(folder)
     where = _shard_map(folder)
     held = stored_layers(where)
@@ -130,9 +138,10 @@ def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, devi
     if extra:
         raise CheckpointError(f"{folder}: {len(extra)} unexpected tensors: {_listing(extra)}; {hint}")
 
-    d, q, kv, F, V, nL = cfg.d_model, cfg.q_width, cfg.kv_width, cfg.mlp_hidden, cfg.vocab_size, cfg.n_layers
+    lc = shard.local(cfg)                    # this rank's heads and FFN columns (all of them without parallelism)
+    d, q, kv, F, V, nL = cfg.d_model, lc.q_width, lc.kv_width, lc.mlp_hidden, cfg.vocab_size, cfg.n_layers
     shapes = dict(embed=(V, d), attn_norm=(nL, d), wqkv=(nL, q + 2 * kv, d), wo=(nL, d, q), ffn_norm=(nL, d),
-                  w_gate_up=(nL, 2 * F, d), w_down=(nL, d, F), final_norm=(d,), head=(V, d))
+                  w_gate_up=(nL, 2 * F, d), w_down=(nL, d, F), final_norm=(d,), head=(V // shard.world, d))
     if cfg.qkv_bias:
         shapes["bqkv"] = (nL, q + 2 * kv)
     if cfg.tied_head:
@@ -145,24 +154,25 @@ def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, devi
 
     for name, (field, layer, rows, shape) in expected.items():
         try:
-            t = handles[where[name]].get_tensor(name)
+            t = shard.read(handles[where[name]].get_slice(name), field, shape)
         except Exception as e:
             raise CheckpointError(f"{where[name]}: cannot read tensor '{name}' ({e}); the file is truncated or "
                                   f"corrupt, download it again") from None
         dst = out[field] if layer is None else out[field][layer]
         if rows is not None:
-            dst = dst[rows]
+            dst = dst[shard.local_rows(rows)]
         dst.copy_(t)
     for field, t in out.items():
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{folder}: weight '{field}' holds NaN or Inf values (after conversion to "
                                   f"{str(dtype).replace('torch.', '')}); the checkpoint is corrupt")
-    if cfg.tied_head:
-        out["head"] = out["embed"]
+    if cfg.tied_head:                        # the head is the embedding (this rank's vocabulary rows of it)
+        out["head"] = out["embed"][shard.rows(V // shard.world)]
     out.setdefault("bqkv", None)
-    return Weights(**out)
+    return Weights(**out, shard=shard)
 
 
-def load_checkpoint(folder: str | Path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, Weights]:
+def load_checkpoint(folder: str | Path, dtype=torch.float32, device="cpu",
+                    shard: Shard = Shard()) -> tuple[ModelConfig, Weights]:
     cfg = load_config(folder)
-    return cfg, load_weights(folder, cfg, dtype=dtype, device=device)
+    return cfg, load_weights(folder, cfg, dtype=dtype, device=device, shard=shard)

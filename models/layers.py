@@ -96,14 +96,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, cf
 
 
 def attn_out(w: Weights, i: int, o: torch.Tensor) -> torch.Tensor:
-    return o @ w.wo[i].t()                                            # [B, S, d]
+    """o [B, S, H*hd] -> [B, S, d] (row-parallel under tensor parallelism: the ranks' partial sums added)."""
+    return w.shard.all_reduce(o @ w.wo[i].t())
 
 
 def ffn(w: Weights, cfg: ModelConfig, i: int, h: torch.Tensor) -> torch.Tensor:
     """h [B, S, d] (residual stream after attention) -> FFN delta [B, S, d]."""
     hn = rms_norm(h, w.ffn_norm[i], cfg.norm_eps)
     gate, up = (hn @ w.w_gate_up[i].t()).chunk(2, dim=-1)             # [B, S, F] each
-    return (F.silu(gate) * up) @ w.w_down[i].t()
+    return w.shard.all_reduce((F.silu(gate) * up) @ w.w_down[i].t())     # row-parallel: one all-reduce
 
 
 def _own_keys(k, v, xn):
@@ -130,15 +131,16 @@ def layer_rows(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos: torch
     q, k = apply_rope(q, cos, sin, cfg.rope_fp32), apply_rope(k, cos, sin, cfg.rope_fp32)
     k_all, v_all = keys(k, v, xn)                                                   # [B, Hkv, L, hd]
     if probs_out is not None:
-        probs_out.copy_(attention_probs(q, k_all, key_mask, cfg))
+        probs_out.copy_(w.shard.average(attention_probs(q, k_all, key_mask, cfg)))   # the mean over all heads
     a = attn_out(w, i, attention(q, k_all, v_all, key_mask, cfg.n_heads != cfg.n_kv_heads))
     m = ffn(w, cfg, i, x + a)
     return a, m, k, v
 
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
-    """h [B, R, d] final residual rows -> logits [B, R, V] in the model dtype."""
-    return rms_norm(h, w.final_norm, cfg.norm_eps) @ w.head.t()
+    """h [B, R, d] final residual rows -> logits [B, R, V] in the model dtype (vocabulary-parallel under
+    tensor parallelism: each rank's V/N logits, gathered in rank order)."""
+    return w.shard.all_gather(rms_norm(h, w.final_norm, cfg.norm_eps) @ w.head.t(), -1)
 
 
 def positions_and_mask(tokens: torch.Tensor, n_pad: torch.Tensor):

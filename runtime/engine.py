@@ -19,6 +19,7 @@ import torch
 
 from dllm.graphs import backends
 from dllm.graphs.capture import GraphPool
+from dllm.models import parallel
 from dllm.models.checkpoint import Weights, load_weights
 from dllm.models.config import ModelConfig, load_config
 from dllm.models.hub import resolve_model
@@ -139,6 +140,7 @@ class Engine:
         body ran faster right after compiling (graphs.backends.keep_faster); False always runs compiled.
         defaults: the lengths a request that names none gets (from_pretrained reads generation_config.json)."""
         self.cfg, self.weights = cfg, weights
+        self.rank_cfg = weights.shard.local(cfg)       # what this rank computes: its heads and FFN columns
         self.keep_faster = keep_faster
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.defaults = defaults or GenerationDefaults()
@@ -156,26 +158,31 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
-                        check: list[Request] = (), **engine_options):
+                        check: list[Request] = (), tp: int = 1, **engine_options):
         """Load a checkpoint folder or a Hugging Face hub id (org/name: the local cache first);
         engine_options are Engine's (backend, buckets, policies, ...). dtype: float32 (the default here:
         exact reference tokens), bfloat16, float16, or "auto" (bfloat16 where the device computes it
         natively, else float32: the command line's default). check: requests to validate against the
-        folder's config, generation defaults and tokenizer before a weight is read (RequestError)."""
+        folder's config, generation defaults and tokenizer before a weight is read (RequestError).
+        tp: tensor-parallel ranks (one process each, launched by torchrun; docs/parallel.md): this process
+        loads and computes only its rank's heads, FFN columns and vocabulary rows."""
         if not isinstance(folder, (str, Path)):
             raise RequestError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         folder = resolve_model(folder)
         cfg = load_config(folder)
+        parallel.check_launch(tp, cfg)
         defaults = GenerationDefaults.read(folder)
         text = Text(cfg, folder, trust_remote_code)
         for r in check:
             check_request(cfg, defaults, text, r)
         t0 = time.perf_counter()
-        log.info("loading weights from %s (%s, %d layers, d %d) to %s %s", folder, cfg.family, cfg.n_layers,
-                 cfg.d_model, device, str(dtype).replace("torch.", ""))
-        weights = load_weights(folder, cfg, dtype=dtype, device=device)
+        shard = parallel.join(tp, device)
+        log.info("loading weights from %s (%s, %d layers, d %d) to %s %s%s", folder, cfg.family, cfg.n_layers,
+                 cfg.d_model, device, str(dtype).replace("torch.", ""),
+                 f", tensor-parallel rank {shard.rank} of {shard.world}" if shard.parallel else "")
+        weights = load_weights(folder, cfg, dtype=dtype, device=device, shard=shard)
         nbytes = sum(t.numel() * t.element_size() for t in weights.tensors().values())
         size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
         log.info("loaded %s of weights in %.1f s", size, time.perf_counter() - t0)
@@ -196,13 +203,14 @@ class Engine:
     def prepared(self, shape: RequestShape, s: DecodeStructure, policy: Policy) -> Prepared:
         """The prepared request for this shape, decoding structure and policy (allocated on first use)."""
         def make() -> Prepared:
-            need, free = request_bytes(self.cfg, shape, s, policy.uses_cache, self.dtype), available_bytes(self.device)
+            need = request_bytes(self.rank_cfg, shape, s, policy.uses_cache, self.dtype)
+            free = available_bytes(self.device)
             if free is not None and need > free:
                 raise RequestError(f"this request (batch {shape.batch}, prompt bucket {shape.prompt_bucket}, gen "
                                    f"{shape.gen_length}, block {shape.block_length}, policy {policy.name}) needs about "
                                    f"{need / 2**30:.2f} GiB but {self.device} has {free / 2**30:.2f} GiB available; "
                                    f"use a shorter prompt or response, a smaller batch or block")
-            return Prepared.allocate(self.weights, self.cfg, shape, s, policy, self.device, self.dtype)
+            return Prepared.allocate(self.weights, self.rank_cfg, shape, s, policy, self.device, self.dtype)
         return self._store.get((shape, s, policy.key(shape)), make)
 
     def _release(self, prep: Prepared) -> None:

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from dllm.models.checkpoint import Weights
+from dllm.models.checkpoint import TENSOR_FIELDS, Weights
 from dllm.runtime import Request, RequestError
 from dllm.runtime.prepared import Prepared, named_tensors
 from dllm.runtime.state import RequestShape
@@ -115,7 +115,7 @@ class _AotiProgram(torch.nn.Module):
             view.load(self.engine_cfg, args[0], args[1])
         else:
             given = dict(zip(self.weight_names, args[:extra]))
-            w = Weights(**{f.name: given.get("w_" + f.name) for f in fields(Weights)})
+            w = Weights(**{n: given.get("w_" + n) for n in TENSOR_FIELDS})
             if self.engine_cfg.tied_head:
                 w.head = w.embed
             p.policy.bodies(w, self.engine_cfg, view.state, view.cache, view.scratch)[self.kind]()

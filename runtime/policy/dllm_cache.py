@@ -16,19 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from dllm.models.layers import head, rms_norm, values
+from dllm.models.parallel import Shard
 
 from ..errors import RequestError
 from ..steps import advance, block_logits, commit, embed_rows, full_layer, full_step, rows_layer
 from .base import LayerWork, Policy, check_int
 
 
-def v_verify(v_new: torch.Tensor, v_old: torch.Tensor, n_rows: int) -> torch.Tensor:
+def v_verify(v_new: torch.Tensor, v_old: torch.Tensor, n_rows: int, shard: Shard = Shard()) -> torch.Tensor:
     """Rows whose value vectors changed most: v_new, v_old [B, Hkv, G, hd] -> indices [B, n_rows] of the
-    lowest cosine similarity over the whole flattened V width (per batch row)."""
+    lowest cosine similarity over the whole flattened V width (per batch row; under tensor parallelism
+    the ranks' sums over their heads are added before the cosine)."""
     a, b = v_new.float(), v_old.float()
-    dot = (a * b).sum(dim=(1, 3))                                     # [B, G]
-    norms = a.pow(2).sum(dim=(1, 3)).sqrt() * b.pow(2).sum(dim=(1, 3)).sqrt()
-    cos = dot / norms.clamp_min(1e-8)
+    sums = shard.all_reduce(torch.stack([(a * b).sum(dim=(1, 3)), a.pow(2).sum(dim=(1, 3)),
+                                         b.pow(2).sum(dim=(1, 3))]))                      # [3, B, G]
+    cos = sums[0] / (sums[1].sqrt() * sums[2].sqrt()).clamp_min(1e-8)
     return cos.topk(n_rows, dim=1, largest=False).indices
 
 
@@ -36,7 +38,7 @@ def verify_rows(w, cfg, i: int, x: torch.Tensor, cache, P: int, n_verify: int) -
     """V-verify in layer i: fresh V of every response row (x [B, G, d] their stream) replaces the cached
     V; returns the indices [B, n_verify] (0-based in the response) of the rows whose V changed most."""
     v_resp = values(w, cfg, i, rms_norm(x, w.attn_norm[i], cfg.norm_eps))            # [B, Hkv, G, hd]
-    idx = v_verify(v_resp, cache.v[i, :, :, P:], n_verify)
+    idx = v_verify(v_resp, cache.v[i, :, :, P:], n_verify, w.shard)
     cache.put_kv(i, cache.resp_rows, v=v_resp)
     return idx
 
