@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -85,10 +86,21 @@ def engine_args(g, *, backend_help: str = "how steps run (default: the fastest f
                    help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
 
 
+def tp_arg(g) -> None:
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks, one process each: launch as `torchrun --nproc-per-node N "
+                        ".venv/bin/dllm ... --tp N` (docs/parallel.md); rank 0 prints")
+
+
+def follower(a: argparse.Namespace) -> bool:
+    """A tensor-parallel rank other than 0: it computes with the others and prints nothing."""
+    return getattr(a, "tp", 1) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def engine_from_args(a: argparse.Namespace, backend: str | None = None, **engine_options) -> Engine:
     """The engine the flags describe (engine_options: Engine's, and from_pretrained's `check`)."""
     return Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
-                                  backend=a.backend or backend, **engine_options)
+                                  backend=a.backend or backend, tp=getattr(a, "tp", 1), **engine_options)
 
 
 # ---------------------------------------------------------------- output

@@ -23,9 +23,11 @@ from dllm.apps.common import (
     engine_from_args,
     error_exit,
     expected_errors,
+    follower,
     request_args,
     request_from_args,
     setup_output,
+    tp_arg,
 )
 from dllm.runtime import ProgressBar, RequestError
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "repeatable like --prompt")
     src.add_argument("--prompt-ids", type=_ids, action="append", help="prompt token ids, comma-separated; repeatable")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tp_arg(g)
     request_args(g, skip=("text_tokens",))
     g.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout and no progress on stderr (errors still go there)")
@@ -104,11 +107,14 @@ def run(a) -> int:
     if a.live and not a.json and sys.stdout.isatty():
         from .live import LiveView
         view = LiveView(eng, out=sys.stdout)
-    bar = ProgressBar(enabled=not (a.quiet or a.json) and view is None)   # the live view is its own progress
+    quiet = a.quiet or a.json or follower(a)
+    bar = ProgressBar(enabled=not quiet and view is None)               # the live view is its own progress
     try:
         out = eng.generate(request, on_step=view, progress=bar)
     finally:
         bar.close()
+    if follower(a):
+        return 0
     if view is not None:
         view.finish(out)
         return 0
@@ -128,7 +134,7 @@ def run(a) -> int:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    restore = setup_output(quiet=a.quiet or a.json)
+    restore = setup_output(quiet=a.quiet or a.json or follower(a))
     try:
         return run(a)
     except expected_errors() as e:
