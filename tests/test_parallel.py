@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from dllm.models.layers import forward
 from dllm.models.parallel import Shard, check_launch
 from dllm.models.tiny import SHAPE_PRESETS, tiny_config, write_tiny
 from dllm.models.train_tiny import held_out
-from dllm.runtime import POLICIES, Engine
+from dllm.runtime import POLICIES, Engine, Request
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.options import parse_policy
 
@@ -249,3 +250,51 @@ def test_every_step_kind_compiles_as_one_graph_under_tp2(fake_group, family):
                 ops = {str(n.target) for g in graphs for n in g.graph.nodes}
                 assert any("all_reduce" in o for o in ops), (policy_cls.name, kind)
     torch._dynamo.reset()
+
+
+def test_serve_under_torchrun_answers_as_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 dllm serve --tp 2`: rank 0 serves, rank 1 follows every batch in lock
+    step; batched and sampled requests get the answers of one process; Ctrl-C stops both ranks."""
+    httpx = pytest.importorskip("httpx2")        # the HTTP client the openai package (the test extra) uses
+    pytest.importorskip("uvicorn", reason="dllm serve needs the serve extra: pip install -e '.[serve]'")
+    dllm = shutil.which("dllm", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1,localhost", "PYTHONWARNINGS": "ignore"}
+    err = open(tmp_path / "serve.err", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             dllm, "serve", "--model", str(TRAINED), "--tp", "2", "--port", "0", "--bucket", "32:8:8",
+                             "--max-batch", "2", "--backend", "eager"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=err, text=True, start_new_session=True)
+    try:
+        ready = proc.stdout.readline()
+        assert "ready on http://127.0.0.1:" in ready, (tmp_path / "serve.err").read_text()[-3000:]
+        url = "http://127.0.0.1:" + ready.split("http://127.0.0.1:")[1].split()[0] + "/v1/completions"
+        eng = Engine.from_pretrained(TRAINED, backend="eager")
+        asks = [dict(prompt="reverse 48213\n"), dict(prompt="sort 90417\n"),
+                dict(prompt="sort 5531\n", temperature=0.7, seed=5)]
+        want = [eng.generate(Request(a["prompt"], gen_length=8, steps=8, temperature=a.get("temperature", 0.0),
+                                     seed=a.get("seed", 0))).text[0] for a in asks]
+        import concurrent.futures as cf
+        with cf.ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda a: httpx.post(url, json={"model": "arith-llada", "max_tokens": 8, **a},
+                                                         timeout=120).json(), asks))
+        got = [r.get("choices", [{}])[0].get("text", r) for r in replies]
+        assert got == want and got[:2] == ["31284", "01479"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: torchrun and both ranks get it
+        rc = proc.wait(timeout=90)
+    log = (tmp_path / "serve.err").read_text()
+    # both ranks end cleanly (rank 0 drains and ends rank 1); torchrun itself reports the signal it got
+    # with its own SignalException traceback and exit status, which are not ours to change
+    assert rc is not None and "stopped by SIGINT: every request finished" in log, log[-3000:]
+    assert "dllm/" not in log.replace(str(TRAINED), "") and "apps/serve" not in log and "rank 0 is gone" not in log
+
+
+def test_export_refuses_a_tensor_parallel_engine(tiny_dirs, tmp_path):
+    from dllm.apps.export import write
+    from dllm.runtime import RequestError
+    folder = tiny_dirs["llada"]
+    cfg = load_config(folder)
+    eng = Engine(cfg, load_weights(folder, cfg, shard=Shard(1, 2)), folder=folder, backend="eager")
+    with pytest.raises(RequestError, match=r"runs on one device.*rank 1 of a tensor-parallel group of 2"):
+        write.export(eng, tmp_path / "pkg", prompt_bucket=8, gen_length=16, steps=16, block_length=8)
+    assert not (tmp_path / "pkg").exists()

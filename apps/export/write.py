@@ -231,6 +231,10 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
     `out` (only once the new one is complete)."""
     if fmt not in FORMATS:
         raise RequestError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    shard = engine.weights.shard
+    if shard.parallel:
+        raise RequestError(f"a package runs on one device: export from an engine loaded with tp=1 (this one is "
+                           f"rank {shard.rank} of a tensor-parallel group of {shard.world})")
     req = (request or Request(**options)).resolved(engine.defaults)
     cfg, policy = engine.cfg, req.policy
     if req.prompt_bucket is None:

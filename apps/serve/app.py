@@ -255,7 +255,8 @@ def create_app(engine: Engine, opts: ServeOptions) -> Starlette:
     metrics.prepare_seconds.set(engine.prepare_seconds)
     for b in opts.buckets:
         metrics.prepared.labels(b.prompt, b.gen_length, b.steps, b.block, b.batch).set(1)
-    service = Service(engine, opts, metrics, Worker(engine, opts.queue, metrics, opts.max_batch, opts.request_timeout))
+    service = Service(engine, opts, metrics, Worker(engine, opts.queue, metrics, opts.max_batch, opts.request_timeout,
+                                                          opts.lockstep))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -45,15 +45,18 @@ from dllm.apps.common import (
     engine_args,
     engine_from_args,
     expected_errors,
+    follower,
     request_args,
     request_from_args,
     setup_output,
+    tp_arg,
 )
 from dllm.runtime import Bucket, Request, RequestError
 from dllm.runtime.engine import ON_DEMAND
 from dllm.runtime.request import DECODING_OPTIONS
 
 from .app import create_app
+from .lockstep import Lockstep
 from .protocol import ServeOptions
 from .worker import ShuttingDown
 
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="dllm serve", description="OpenAI-compatible HTTP server over one engine. The request "
                                                       "options below are the defaults of every request.")
     engine_args(ap)
+    tp_arg(ap)
     request_args(ap, skip=("chat", "text_tokens"))
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0: a free port chosen by the OS (printed when ready)")
@@ -175,11 +179,12 @@ def main(argv: list[str]) -> int:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    restore = setup_output(quiet=a.no_access_log)
+    restore = setup_output(quiet=a.no_access_log or follower(a))
     try:
         base = request_from_args(a, None, skip=("chat", "text_tokens"))
         buckets = [replace(b, batch=n) for b in a.bucket for n in batch_sizes(a.max_batch)]
         engine = engine_from_args(a, prepare_on_demand=a.prepare_on_demand or ("options" if buckets else "shapes"))
+        lockstep = Lockstep() if a.tp > 1 else None
         if engine.tokenizer is None:                       # fail now, not on the first request
             raise RequestError(f"{a.model} has no tokenizer files; the server needs text prompts")
         if base.gen_length is None and a.bucket and not engine.defaults.from_file:
@@ -193,6 +198,10 @@ def main(argv: list[str]) -> int:
         for b in buckets:
             for decoding in decodings:
                 engine.prepare(b, base.policy, **decoding)
+        if follower(a):                                    # tensor parallel: rank 0 serves, the others follow it
+            lockstep.follow(engine)
+            restore()
+            return 0
         sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((a.host, a.port))
@@ -206,7 +215,7 @@ def main(argv: list[str]) -> int:
                         buckets=tuple(buckets), queue=a.queue, drain_seconds=a.drain_seconds,
                         max_batch=a.max_batch, api_key=a.api_key or os.environ.get("DLLM_API_KEY") or None,
                         max_tokens_limit=max(limit, base.gen_length), request_timeout=a.request_timeout,
-                        max_body_bytes=a.max_body_bytes)
+                        max_body_bytes=a.max_body_bytes, lockstep=lockstep)
     host, port = sock.getsockname()[:2]
     prepared = (f"{len(a.bucket)} bucket(s) x batch {', '.join(map(str, batch_sizes(a.max_batch)))} x "
                 f"{len(decodings)} decodings in {engine.prepare_seconds:.1f} s" if a.bucket else

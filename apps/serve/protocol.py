@@ -71,6 +71,7 @@ class ServeOptions:
     max_tokens_limit: float = float("inf")  # the most max_tokens a request may ask for
     request_timeout: float = 600.0         # seconds from arrival after which a request is stopped (504)
     max_body_bytes: int = 1 << 20          # larger request bodies are refused (413) before they are parsed
+    lockstep: object | None = None         # tensor parallel: the apps.serve.lockstep.Lockstep to the other ranks
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,11 @@ def batch_key(job: Job) -> tuple:
 
 class Worker:
     def __init__(self, engine: Engine, capacity: int, metrics: Metrics, max_batch: int = 1,
-                 timeout: float = float("inf")):
+                 timeout: float = float("inf"), lockstep=None):
+        """lockstep (tensor parallel): every batch is sent to the other ranks first, and a batch, once
+        started, runs to its end on every rank (a cancelled or timed-out job's result is dropped after)."""
         self.engine, self.capacity, self.metrics, self.max_batch = engine, capacity, metrics, max_batch
-        self.timeout = timeout
+        self.timeout, self.lockstep = timeout, lockstep
         self._running: list[Job] = []
         self._queue: deque[Job | None] = deque()
         self._cv = threading.Condition()
@@ -180,6 +182,8 @@ class Worker:
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             self._run(batch)
+        if self.lockstep is not None:
+            self.lockstep.send(None)
 
     def _run(self, batch: list[Job]) -> None:
         m = self.metrics
@@ -196,8 +200,11 @@ class Worker:
         streaming = any(job.request.stream for job in batch)
         m.running.set(len(batch))
         m.batch_size.observe(len(batch))
+        requests = [job.request.request for job in batch]
         try:
-            gens = self.engine.generate_batch([job.request.request for job in batch], progress=progress,
+            if self.lockstep is not None:            # the ranks run the same steps: no stop in the middle
+                self.lockstep.send(requests)
+            gens = self.engine.generate_batch(requests, progress=None if self.lockstep else progress,
                                               on_block=on_block if streaming else None)
         except Cancelled as e:
             for job in batch:
