@@ -11,6 +11,13 @@ counted (they are O(rows x d), a few percent of the FLOPs). The floor of a kind 
 max(FLOPs / matmul peak, bytes / bandwidth), with both peaks measured in the same run on the same
 device by a micro-benchmark (the fastest call of a few square matmuls and of the model's own
 full-step FFN matmul in the run's dtype; the fastest large copy). Achieved fraction = floor / measured step time.
+
+Tensor parallel (--tp-table): per rank, a kind's FLOPs and weight bytes are 1/N (its heads, FFN columns and
+vocabulary rows), the attention deltas it caches stay whole, and each layer adds its all-reduces (a ring:
+2(N-1)/N of the message over the rank's link, plus a fixed latency per collective; the head's logits add
+one all-gather). The steps do not overlap collectives with compute, so the terms add.
+
+    python -m dllm.perf.roofline --tp-table       # LLaDA-8B, TP 1/2/4/8 on H100 / H200 (nominal peaks)
 """
 from __future__ import annotations
 
@@ -21,8 +28,15 @@ from dataclasses import dataclass
 import torch
 
 from dllm.models.config import ModelConfig
+from dllm.models.parallel import Shard
 from dllm.runtime.policy.base import LayerWork, Policy
 from dllm.runtime.state import RequestShape
+
+# Nominal peaks of the GPUs the tables predict for (dense bf16 tensor-core FLOP/s, HBM bytes/s, NVLink
+# bytes/s one way per GPU) and the latency of one small NCCL collective inside an NVLink node (of the order
+# of 10 us; the all-reduces of a partial step are a few hundred KB, where latency dominates).
+NOMINAL = {"H100 SXM": (989e12, 3.35e12, 450e9), "H200": (989e12, 4.8e12, 450e9)}
+COLLECTIVE_LATENCY = 10e-6
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,8 @@ class Cost:
     flops: float            # floating-point operations of one step (a multiply-add counts 2)
     bytes: float            # bytes one step must move at least once
     cache: float = 0.0      # the part of bytes that is one batch row's cache traffic (the rest: weights)
+    link: float = 0.0       # tensor parallel: bytes one rank sends to the others (ring all-reduce / all-gather)
+    collectives: int = 0    # tensor parallel: collectives per step
 
 
 def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
@@ -45,16 +61,56 @@ def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
 
 
 def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, kind: str,
-              dtype: torch.dtype) -> Cost:
-    """The FLOPs and bytes of one step of `kind` (all batch rows)."""
+              dtype: torch.dtype, tp: int = 1) -> Cost:
+    """The FLOPs and bytes of one step of `kind` (all batch rows); tp > 1: those of one tensor-parallel
+    rank, with the bytes it sends to the others and its number of collectives."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    L, B, Bl = shape.length, shape.batch, shape.block_length
-    layers = [layer_cost(cfg, L, lw, elt) for lw in policy.work(cfg, shape, kmax, kind)]
-    head_flops, head_bytes = 2 * Bl * cfg.d_model * cfg.vocab_size, cfg.d_model * cfg.vocab_size * elt
+    L, B, Bl, d = shape.length, shape.batch, shape.block_length, cfg.d_model
+    work = policy.work(cfg, shape, kmax, kind)
+    layers = [layer_cost(Shard(0, tp).local(cfg), L, lw, elt) for lw in work]
+    V = cfg.vocab_size // tp
+    head_flops, head_bytes = 2 * Bl * d * V, d * V * elt
     weight_bytes = sum(c.bytes - c.cache for c in layers)      # read once per step whatever the batch
     cache_bytes = B * sum(c.cache for c in layers)             # every batch row's own keys, values, deltas
+    link, collectives = 0.0, 0
+    if tp > 1:
+        ring = 2 * (tp - 1) / tp
+        for lw in work:
+            if lw.rows:                                        # the output and down projections' sums
+                link, collectives = link + ring * 2 * B * lw.rows * d * elt, collectives + 2
+            if lw.probs:                                       # d2Cache: the mean attention over all heads
+                link, collectives = link + ring * B * lw.rows * L * 4, collectives + 1
+            if lw.v_rows > lw.rows:                            # dLLM-Cache V-verify: 3 sums per response row
+                link, collectives = link + ring * 3 * B * lw.v_rows * 4, collectives + 1
+        link, collectives = link + (tp - 1) / tp * B * Bl * cfg.vocab_size * elt, collectives + 1   # head gather
     return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + cache_bytes + head_bytes,
-                cache_bytes)
+                cache_bytes, link, collectives)
+
+
+def predicted_seconds(cost: Cost, flops: float, bandwidth: float, link: float,
+                      latency: float = COLLECTIVE_LATENCY) -> float:
+    """A step's floor on one rank: the roofline plus its collectives (not overlapped with compute)."""
+    return max(cost.flops / flops, cost.bytes / bandwidth) + cost.link / link + cost.collectives * latency
+
+
+def tp_table(tps=(1, 2, 4, 8), batch: int = 1) -> list[str]:
+    """LLaDA-8B in bf16, P=512 G=256 block 32: the floor per step of the full step and of each cache
+    policy's partial step kind, per rank, at each tensor-parallel size on each GPU (nominal peaks)."""
+    from dllm.models.config import parse_config
+    from dllm.models.tiny import SHAPE_PRESETS, tiny_config
+    from dllm.runtime import D2Cache, DllmCache, DualCache, NoCache
+    cfg = parse_config(tiny_config("llada", SHAPE_PRESETS["llada-8b-shape"]))
+    shape = RequestShape(batch, 512, 256, 32, 256)
+    kinds = [(NoCache(), "full"), (DllmCache(), "verify"), (D2Cache(), "selected"), (DualCache(), "block")]
+    out = ["| GPU | step kind | " + " | ".join(f"TP {n}" for n in tps) + " |", "|---|---|" + "---|" * len(tps)]
+    for gpu, (flops, bw, link) in NOMINAL.items():
+        for policy, kind in kinds:
+            cells = []
+            for n in tps:
+                one = predicted_seconds(kind_cost(cfg, shape, 8, policy, kind, torch.bfloat16, n), flops, bw, link)
+                cells.append(f"{one * 1e3:.2f} ms")
+            out.append(f"| {gpu} | {policy.name} {kind} | " + " | ".join(cells) + " |")
+    return out
 
 
 @dataclass(frozen=True)
@@ -152,7 +208,14 @@ def main(argv=None) -> None:
                     " (CUDA: also cudagraph, compile+cudagraph)")
     ap.add_argument("--policies", nargs="+", default=["none", "dllm-cache", "d2cache", "dual-cache"])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--tp-table", action="store_true", help="print the tensor-parallel prediction for LLaDA-8B on "
+                    "H100 / H200 (nominal peaks, no measurement) and exit")
     a = ap.parse_args(argv)
+    if a.tp_table:
+        print(f"# LLaDA-8B bf16, batch 1, P=512 G=256 block 32: floor per step per rank = max(FLOPs / peak, bytes / "
+              f"HBM) + link bytes / NVLink + {COLLECTIVE_LATENCY * 1e6:.0f} us per collective")
+        print("\n".join(tp_table()))
+        return
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     eng = preset_engine(a.family, a.preset, device=device, dtype=dtype)
     cfg = eng.cfg

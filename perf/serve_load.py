@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "trained" / "arith-llada"
 # nominal datasheet peaks (dense bf16 matmul FLOP/s, HBM bytes/s) for the prediction; measured ones are
 # what perf.roofline prints on a machine that has the device
-NOMINAL = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
 def start(model: Path, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
@@ -73,10 +72,10 @@ def gpu_prediction(batches: list[int]) -> list[str]:
     from dllm.runtime import DualCache
     from dllm.runtime.state import RequestShape
 
-    from .roofline import kind_cost
+    from .roofline import NOMINAL, kind_cost
     cfg = parse_config(tiny_config("llada", SHAPE_PRESETS["llada-8b-shape"]))
     lines = []
-    for name, (flops, bw) in NOMINAL.items():
+    for name, (flops, bw, _link) in NOMINAL.items():
         cells = []
         for B in batches:
             shape = RequestShape(B, 512, 256, 32, 256)

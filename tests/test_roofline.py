@@ -79,3 +79,40 @@ def test_floor_is_the_roofline_and_the_fraction_floor_over_measured(engines):
     assert slow_memory.floor(full) == (full.bytes / 1e6, "memory")
     table = markdown(rows)
     assert table[0].startswith("| policy | step kind") and len(table) == 2 + 2 and "| dual-cache | block |" in table[3]
+
+
+def test_tensor_parallel_cost_per_rank(engines):
+    """Per rank at TP=2: half of every matmul's FLOPs and of the weights, the K/V cache halved but the
+    cached attention / FFN deltas whole (every rank holds the whole residual stream), two all-reduces a
+    layer (a ring sends 2(N-1)/N of each) and the head's all-gather."""
+    from dllm.perf.roofline import predicted_seconds
+    cfg = engines["llada"].cfg                                 # d 64, q width 64, MHA (kv width 64)
+    shape = RequestShape(1, 24, 16, 8, 16)
+    pol = POLICIES["none"]()
+    one, two = (kind_cost(cfg, shape, 1, pol, "full", torch.float32, tp) for tp in (1, 2))
+    assert two.flops == one.flops / 2
+    L, d, nL = shape.length, cfg.d_model, cfg.n_layers
+    deltas = nL * 2 * L * d * 4                                # A and M rows written, whole on every rank
+    assert two.cache == (one.cache - deltas) / 2 + deltas
+    assert two.bytes - two.cache == (one.bytes - one.cache) / 2     # weights (and the head) halved
+    assert two.collectives == 2 * nL + 1 and one.collectives == 0 and one.link == 0
+    assert two.link == nL * 2 * (2 * L * d * 4) / 2 + shape.block_length * cfg.vocab_size * 4 / 2
+    assert predicted_seconds(two, 1e9, 1e12, 1e9, latency=1e-3) == pytest.approx(
+        max(two.flops / 1e9, two.bytes / 1e12) + two.link / 1e9 + two.collectives * 1e-3)
+
+
+def test_the_documented_tp_tables_are_what_the_command_prints():
+    """docs/parallel.md and the README quote `python -m dllm.perf.roofline --tp-table`; a change to the cost
+    model that leaves them stale fails here."""
+    from pathlib import Path
+
+    from dllm.perf.roofline import tp_table
+    root = Path(__file__).resolve().parent.parent
+    table = tp_table()
+
+    def quoted(path: str, marker: str) -> list[str]:
+        text = (root / path).read_text()
+        return text.split(f"<!-- {marker}:begin -->\n")[1].split(f"<!-- {marker}:end -->")[0].strip().splitlines()
+    assert quoted("docs/parallel.md", "tp") == table
+    readme = quoted("README.md", "tp-readme")
+    assert readme[:2] == table[:2] and set(readme[2:]) <= set(table[2:]) and len(readme) >= 4
