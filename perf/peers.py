@@ -63,6 +63,7 @@ GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")       # f32 / bf16 from the convert
 DEFAULT_OURS = ("none@float32", "none@bfloat16", "dllm-cache:kp=100,kr=7,rho=0.25@bfloat16", "dual-cache@bfloat16",
                 "none@bfloat16+int8", "none@bfloat16+int4")
 QUANTIZE = ("int8", "int4")
+PRESET_NAMES = ("small", "tiny")                   # models/tiny.py's PRESETS (named here: no torch before the checks)
 PASS_THROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
@@ -376,6 +377,15 @@ def quantize_supported() -> bool:
     return any("quantize" in inspect.signature(f).parameters for f in (Engine.__init__, Engine.from_pretrained))
 
 
+def usable(ours: list[Ours], quantize_ok: bool) -> tuple[list[Ours], str | None]:
+    """(rows to run, note about the skipped ones): int8/int4 rows need an engine that takes `quantize`."""
+    kept = [o for o in ours if quantize_ok or not o.quantize]
+    if len(kept) == len(ours):
+        return kept, None
+    return kept, ("note: Engine.from_pretrained takes no `quantize` here, so the rows "
+                  f"{', '.join(o.label for o in ours if o.quantize)} are skipped")
+
+
 def engine_for(folder: Path, dtype: str, quantize: str | None, cache: dict):
     import torch
 
@@ -397,7 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--convert-python", default=sys.executable,
                     help="the Python that runs llama.cpp's converter (numpy, torch, transformers; default: this one)")
     ap.add_argument("--model", help="a LLaDA-format folder to time (default: the small preset, written into --work)")
-    ap.add_argument("--preset", default="small", help="models/tiny.py preset when --model is not given (default small)")
+    ap.add_argument("--preset", choices=PRESET_NAMES, default="small",
+                    help="models/tiny.py preset when --model is not given (default small)")
     ap.add_argument("--trained", help="the trained model for argmax agreement (default models/trained/arith-llada)")
     ap.add_argument("--agree-prompts", type=int, default=36, help="held-out prompts for argmax agreement (0: skip)")
     ap.add_argument("--work", default="build/peers", help="folder for the models and GGUF files, reused between "
@@ -469,14 +480,12 @@ def main(argv=None) -> None:
     if not a.model and not (model / "config.json").is_file():
         write_tiny(model, "llada", a.preset)
     trained = Path(a.trained) if a.trained else Path(dllm.models.__file__).parent / "trained" / "arith-llada"
-    quant_ok = quantize_supported()
-    ours = [o for o in a.ours if quant_ok or not o.quantize]
+    ours, note = usable(a.ours, quantize_supported())
     print(f"# perf.peers on {cpu_name()}, {T} threads; torch {torch.__version__}; llama.cpp at {llama.root}")
     print(f"# P={P} (BOS + {P - 1} characters) G={G} block {B}, greedy, one token per step; {a.rounds} rounds, "
           f"medians; model {model}")
-    if len(ours) < len(a.ours):
-        print("# note: Engine.from_pretrained takes no `quantize` here, so the rows "
-              f"{', '.join(o.label for o in a.ours if o.quantize)} are skipped")
+    if note:
+        print(f"# {note}")
 
     print("converting with llama.cpp's convert_hf_to_gguf.py (and llama-quantize):", flush=True)
     ggufs = convert(llama, a.convert_python, model, work, model.name, list(a.gguf))
