@@ -209,6 +209,8 @@ if pre != "-":
 
     @ModelBase.register("LLaDAModelLM")
     class StagedLLaDA(LLaDAModel):
+        model_arch = LLaDAModel.model_arch
+
         def get_vocab_base_pre(self, tokenizer):
             return pre
 sys.argv = [str(root) + "/convert_hf_to_gguf.py", *args]
@@ -267,7 +269,7 @@ class LlamaRun:
     text: str
     seconds: float            # llama.cpp's own "total time" of the generation (loading excluded)
     forwards: int             # progress lines printed: one per forward
-    system_info: str = ""
+    lost: int = 0             # earlier runs whose output lost its last lines (repeated)
 
 
 TOTAL = re.compile(r"total time: ([0-9.]+)ms, time per step: [0-9.]+ms, sampling time per step: [0-9.]+ms\n")
@@ -282,28 +284,34 @@ def parse_llama_output(out: str) -> LlamaRun:
     rest = out[found.end():]
     text = rest[1:] if rest.startswith("\n") else rest
     text = text[:text.index("\n")] if "\n" in text else text
-    info = re.search(r"^system_info: (.*)$", out, re.M)
     return LlamaRun(text=text, seconds=float(found.group(1)) / 1e3,
-                    forwards=len(re.findall(r"diffusion step: \d+/\d+", out)),
-                    system_info=info.group(1).strip() if info else "")
+                    forwards=len(re.findall(r"diffusion step: \d+/\d+", out)))
 
 
 def llama_generate(llama: LlamaCpp, gguf: Path, text: str, n_input: int, gen_length: int, threads: int, *,
-                   block_length: int | None = None, steps: int = 1) -> LlamaRun:
+                   block_length: int | None = None, steps: int = 1, tries: int = 6) -> LlamaRun:
     """One llama-diffusion-cli generation, greedy (--top-k 1). block_length: its block schedule with
     `steps`; None: one step of the timestep schedule, which commits every position from one forward
-    (the argmax of one forward)."""
+    (the argmax of one forward). Its log is written by a thread that the process does not wait for at
+    exit (llama.cpp issue 22142), so on a busy machine the last lines (the total time, the text) are
+    sometimes lost: such a run is repeated, up to `tries` runs; LlamaRun.lost counts them."""
     canvas = n_input + gen_length
     schedule = (["--diffusion-block-length", block_length] if block_length else ["--diffusion-eps", "0.001"])
     cmd = [llama.tool("llama-diffusion-cli"), "-m", gguf, "-p", text, "--no-escape", "-ub", canvas, "-b", canvas,
            "-c", canvas, "-t", threads, "-tb", threads, "--diffusion-steps", steps, *schedule, "--top-k", 1,
-           "--temp", 0, "--seed", 0]
-    # the prompt text is in the command line: keep it out of an error message
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=3600)
-    if res.returncode:
-        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-8:])
-        raise SystemExit(f"perf.peers: llama-diffusion-cli failed (exit {res.returncode}) on {gguf.name}:\n{tail}")
-    return parse_llama_output(res.stdout + "\n" + res.stderr)
+           "--temp", 0, "--seed", 0, "--no-log-prefix", "--no-log-timestamps", "--log-colors", "off"]
+    for lost in range(tries):
+        res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=3600)
+        out = res.stdout + "\n" + res.stderr
+        if res.returncode:              # the prompt text is in the command line: keep it out of the message
+            tail = "\n".join(out.strip().splitlines()[-8:])
+            raise SystemExit(f"perf.peers: llama-diffusion-cli failed (exit {res.returncode}) on {gguf.name}:\n{tail}")
+        if TOTAL.search(out):
+            run = parse_llama_output(out)
+            run.lost = lost
+            return run
+    raise SystemExit(f"perf.peers: llama-diffusion-cli's output lost its last lines {tries} times in a row on "
+                     f"{gguf.name} (its log thread is not waited for at exit); run again on a quieter machine")
 
 
 # ---------------------------------------------------------------- the table
@@ -481,7 +489,9 @@ def main(argv=None) -> None:
         write_tiny(model, "llada", a.preset)
     trained = Path(a.trained) if a.trained else Path(dllm.models.__file__).parent / "trained" / "arith-llada"
     ours, note = usable(a.ours, quantize_supported())
-    print(f"# perf.peers on {cpu_name()}, {T} threads; torch {torch.__version__}; llama.cpp at {llama.root}")
+    version = run([llama.tool("llama-diffusion-cli"), "--version"], what="llama-diffusion-cli --version").split()
+    print(f"# perf.peers on {cpu_name()}, {T} threads; torch {torch.__version__}; llama.cpp at {llama.root} "
+          f"({' '.join(version[:6])})")
     print(f"# P={P} (BOS + {P - 1} characters) G={G} block {B}, greedy, one token per step; {a.rounds} rounds, "
           f"medians; model {model}")
     if note:
@@ -540,7 +550,7 @@ def main(argv=None) -> None:
     for o, opts in runs:                                  # load and warm up (allocation, first touch)
         out = engine_for(model, o.dtype, o.quantize, engines).generate(ids, **{**shape, **opts})
         rows.append(Row(o.label, out.steps, set(out.step_kinds) == {"full"}))
-    system_info = ""
+    lost = 0
     for r in range(a.rounds):
         for t, row in zip(a.gguf, rows):
             res = llama_generate(llama, ggufs[t], text, P, G, T, block_length=B, steps=steps_l)
@@ -548,14 +558,15 @@ def main(argv=None) -> None:
                 raise SystemExit(f"perf.peers: llama.cpp ran {res.forwards} forwards, its schedule's model says "
                                  f"{fwd_l}: the model (llama_forwards) no longer matches this llama.cpp")
             row.seconds.append(res.seconds)
-            system_info = res.system_info
+            lost += res.lost
             print(f"  round {r + 1}: {row.label} {res.seconds:.2f} s", flush=True)
         for (o, opts), row in zip(runs, rows[len(a.gguf):]):
             out = engine_for(model, o.dtype, o.quantize, engines).generate(ids, **{**shape, **opts})
             row.seconds.append(out.seconds)
             print(f"  round {r + 1}: {row.label} {out.seconds:.2f} s", flush=True)
     if a.rounds:
-        print(f"\nllama.cpp system_info: {system_info}")
+        if lost:
+            print(f"\n{lost} llama.cpp runs lost their last output lines and were repeated (llama.cpp issue 22142)")
         print(f"{model.name} (P={P}, G={G}, block {B}, {T} threads), medians of {a.rounds} interleaved rounds; "
               f"ratios = llama.cpp {a.baseline.upper()}'s time / the row's:\n")
         print(table(rows, f"llama.cpp {a.baseline.upper()}"))

@@ -133,17 +133,16 @@ def test_ratios_and_table():
 # ------------------------------------------------------------ what llama-diffusion-cli prints
 
 def test_parse_llama_output():
+    # as llama-diffusion-cli 0c1e57098 prints it with --no-log-prefix --no-log-timestamps --log-colors off
     steps = "".join(f"\rdiffusion step: {i}/640 [{'=' * (i * 50 // 640)}{' ' * (50 - i * 50 // 640)}] "
                     f"{i * 100 // 640}%" for i in range(144))
-    out = ("system_info: n_threads = 2 (n_threads_batch = 2) / 2 | CPU : AVX512 = 1 |\n"
-           "diffusion_params: - steps u32 = 640\n" + steps +
-           "\ntotal time: 50312.40ms, time per step: 78.61ms, sampling time per step: 1.20ms\n\n31284\n\n")
+    out = ("diffusion_params: - steps                     u32              = 640\n" + steps +
+           "\ntotal time: 50312.40ms, time per step: 78.61ms, sampling time per step: 1.20ms\n\n31284\n")
     run = peers.parse_llama_output(out)
     assert (run.text, run.forwards) == ("31284", 144)
     assert run.seconds == pytest.approx(50.3124)
-    assert run.system_info.startswith("n_threads = 2")
     with pytest.raises(ValueError, match="total time"):
-        peers.parse_llama_output("error: failed to load model\n")
+        peers.parse_llama_output(steps)                 # the last lines lost at exit (llama.cpp issue 22142)
 
 
 # ------------------------------------------------------------ staging our character tokenizers
