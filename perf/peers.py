@@ -534,7 +534,9 @@ def main(argv=None) -> None:
         print(f"argmax agreement on {trained.name} (one forward, G={GEN}, {len(examples)} held-out prompts "
               f"as BOS + text; prompts whose {GEN} argmax tokens are identical; llama.cpp on 1 thread):")
         same16 = sum(x == y for x, y in zip(mine["fp32"], mine["bf16"]))
-        print(f"  ours bf16 vs ours fp32: {same16}/{len(examples)}")
+        right = sum(x == answer for x, (_, answer) in zip(mine["fp32"], examples))
+        print(f"  ours bf16 vs ours fp32: {same16}/{len(examples)} (ours fp32 gives the right answer on {right} of "
+              f"them from this one forward)")
         for t, g in trained_ggufs.items():
             theirs = [llama_generate(llama, g, p + "\n", len(ids_), GEN, 1, quiet_exit=True).text
                       for (p, _), ids_ in zip(examples, prompts)]
