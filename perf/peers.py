@@ -72,7 +72,7 @@ def build_help(llama_cpp: str | None, missing: list[str]) -> str:
     where = (f"{llama_cpp} lacks {', '.join(missing)}" if llama_cpp
              else "no --llama-cpp given")
     return f"""perf.peers needs a llama.cpp checkout with {', '.join(TOOLS)} built ({where}).
-Build them (CPU only, Release; tested at llama.cpp {TESTED}; a few minutes on 2 cores):
+Build them (CPU only, Release; tested at llama.cpp {TESTED}; about 10 minutes on 2 cores):
   git clone https://github.com/ggml-org/llama.cpp && cd llama.cpp
   cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \\
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
