@@ -495,8 +495,8 @@ def main(argv=None) -> None:
     version = run([llama.tool("llama-diffusion-cli"), "--version"], what="llama-diffusion-cli --version").split()
     print(f"# perf.peers on {cpu_name()}, {T} threads; torch {torch.__version__}; llama.cpp at {llama.root} "
           f"({' '.join(version[:6])})")
-    print(f"# P={P} (BOS + {P - 1} characters) G={G} block {B}, greedy, one token per step; {a.rounds} rounds, "
-          f"medians; model {model}")
+    print(f"# P={P} (BOS + {P - 1} characters) G={G} block {B}, greedy, one token per step; {a.rounds} "
+          f"round{'' if a.rounds == 1 else 's'}, medians; model {model}")
     if note:
         print(f"# {note}")
 
@@ -572,7 +572,7 @@ def main(argv=None) -> None:
     if a.rounds:
         if lost:
             print(f"\n{lost} llama.cpp runs lost their last output lines and were repeated (llama.cpp issue 22142)")
-        print(f"{model.name} (P={P}, G={G}, block {B}, {T} threads), medians of {a.rounds} interleaved rounds; "
+        print(f"\n{model.name} (P={P}, G={G}, block {B}, {T} threads), medians of {a.rounds} interleaved rounds; "
               f"ratios = llama.cpp {a.baseline.upper()}'s time / the row's:\n")
         print(table(rows, f"llama.cpp {a.baseline.upper()}"))
         print("\nper forward / step: end to end / forwards (llama.cpp: its forwards; ours: our steps, a mean over "
