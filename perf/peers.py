@@ -28,6 +28,9 @@ What llama.cpp's schedule does differently (examples/diffusion/diffusion.cpp, ch
   needs --top-k 1, and then every candidate's confidence is 1, so the ties commit left to right in position
   order. Tokens then differ from ours by commit order only, so agreement is checked on one forward (step 3).
 - Every run is a new process; its reported "total time" excludes loading, ours excludes preparation.
+- Its CPU threads are OpenMP threads that wait for each other at every barrier: on a busy machine its
+  forwards ran 10x slower on 2 threads than on 1 (load average 10), so the command warns when the machine
+  is not quiet.
 Our side commits one token per step with low-confidence remasking, G steps, each a full forward (NoCache) or
 a partial one (the caches). Both sides get the same prompt ids: llama-diffusion-cli always prepends BOS (the
 converter sets add_bos_token for LLaDA and the CLI applies no metadata override), so our prompt is BOS + the
@@ -499,6 +502,11 @@ def main(argv=None) -> None:
           f"round{'' if a.rounds == 1 else 's'}, medians; model {model}")
     if note:
         print(f"# {note}")
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"# warning: the load average is {load:.1f} before this starts: on a busy machine llama.cpp's OpenMP "
+              f"threads wait for each other at every barrier (its forwards ran 10x slower on 2 threads than on 1 "
+              f"at a load of 10) and ours slow down too: the ratios mean little; time it on a quiet machine")
 
     print("converting with llama.cpp's convert_hf_to_gguf.py (and llama-quantize):", flush=True)
     ggufs = convert(llama, a.convert_python, model, work, model.name, list(a.gguf))
@@ -578,7 +586,7 @@ def main(argv=None) -> None:
         print("\nper forward / step: end to end / forwards (llama.cpp: its forwards; ours: our steps, a mean over "
               "the step kinds for the caches, so no per-forward ratio). llama.cpp's end to end includes its "
               f"{fwd_l - G} forwards on blocks past the canvas's end.")
-    print(f"# {time.perf_counter() - t_start:.0f} s in all")
+    print(f"# {time.perf_counter() - t_start:.0f} s in all; load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
