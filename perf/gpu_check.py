@@ -346,6 +346,8 @@ def family_part(ctx: Ctx, family: str) -> str | None:
         torch.cuda.reset_peak_memory_stats()
     backends = ("eager",) if ctx.dry else ("eager", "cudagraph")
     failed = latencies(ctx, family, False, backends, backends[-1])
+    if family == "llada":
+        tp_rows(ctx)
     peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device == "cuda" else None      # CPU: not measured
     ctx.row("memory", family=family, peak_gib=peak)
     full = {r["backend"]: r for r in ctx.table("latency") if r.get("kind") == "full" and r["policy"] == "none"}
@@ -355,6 +357,18 @@ def family_part(ctx: Ctx, family: str) -> str | None:
                   f"compute floor) · " if r else "") + f"tok/s {tok or '-'}"
                  + (f" · peak {peak:.1f} GiB" if peak is not None else ""))
     return "; ".join(failed) or None
+
+
+def tp_rows(ctx: Ctx) -> None:
+    """The tensor-parallel prediction of perf.roofline for LLaDA-8B with the peaks this part measured and
+    NVLink's nominal bandwidth: what each rank of a node of this GPU should reach (docs/parallel.md). The
+    two-rank run itself is a CUDA test (tests/test_parallel.py), run by cuda-tests where there are 2 GPUs."""
+    from .roofline import NOMINAL, tp_prediction
+    p = ctx.table("peaks")[-1]
+    link = NOMINAL["H200"][2]
+    for (name, kind), seconds in tp_prediction(p["matmul_tflop_s"] * 1e12, p["copy_gb_s"] * 1e9, link).items():
+        ms = {f"tp{n}_ms": t * 1e3 for n, t in zip((1, 2, 4, 8), seconds)}
+        ctx.row("tp-prediction", policy=name, kind=kind, **ms)
 
 
 def compile_part(ctx: Ctx, tiny: bool) -> str | None:

@@ -93,23 +93,29 @@ def predicted_seconds(cost: Cost, flops: float, bandwidth: float, link: float,
     return max(cost.flops / flops, cost.bytes / bandwidth) + cost.link / link + cost.collectives * latency
 
 
-def tp_table(tps=(1, 2, 4, 8), batch: int = 1) -> list[str]:
-    """LLaDA-8B in bf16, P=512 G=256 block 32: the floor per step of the full step and of each cache
-    policy's partial step kind, per rank, at each tensor-parallel size on each GPU (nominal peaks)."""
+TP_KINDS = (("none", "full"), ("dllm-cache", "verify"), ("d2cache", "selected"), ("dual-cache", "block"))
+
+
+def tp_prediction(flops: float, bandwidth: float, link: float, tps=(1, 2, 4, 8),
+                  batch: int = 1) -> dict[tuple[str, str], list[float]]:
+    """LLaDA-8B in bf16, P=512 G=256 block 32: seconds per step per rank of the full step and of each cache
+    policy's partial step kind at each tensor-parallel size, on a device with these peaks."""
     from dllm.models.config import parse_config
     from dllm.models.tiny import SHAPE_PRESETS, tiny_config
-    from dllm.runtime import D2Cache, DllmCache, DualCache, NoCache
+    from dllm.runtime import make_policy
     cfg = parse_config(tiny_config("llada", SHAPE_PRESETS["llada-8b-shape"]))
     shape = RequestShape(batch, 512, 256, 32, 256)
-    kinds = [(NoCache(), "full"), (DllmCache(), "verify"), (D2Cache(), "selected"), (DualCache(), "block")]
+    return {(name, kind): [predicted_seconds(kind_cost(cfg, shape, 8, make_policy(name), kind, torch.bfloat16, n),
+                                             flops, bandwidth, link) for n in tps]
+            for name, kind in TP_KINDS}
+
+
+def tp_table(tps=(1, 2, 4, 8)) -> list[str]:
+    """tp_prediction on each GPU of NOMINAL, as a markdown table."""
     out = ["| GPU | step kind | " + " | ".join(f"TP {n}" for n in tps) + " |", "|---|---|" + "---|" * len(tps)]
-    for gpu, (flops, bw, link) in NOMINAL.items():
-        for policy, kind in kinds:
-            cells = []
-            for n in tps:
-                one = predicted_seconds(kind_cost(cfg, shape, 8, policy, kind, torch.bfloat16, n), flops, bw, link)
-                cells.append(f"{one * 1e3:.2f} ms")
-            out.append(f"| {gpu} | {policy.name} {kind} | " + " | ".join(cells) + " |")
+    for gpu, peaks in NOMINAL.items():
+        for (name, kind), seconds in tp_prediction(*peaks, tps).items():
+            out.append(f"| {gpu} | {name} {kind} | " + " | ".join(f"{t * 1e3:.2f} ms" for t in seconds) + " |")
     return out
 
 

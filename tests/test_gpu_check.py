@@ -62,6 +62,10 @@ def test_dry_run_runs_every_part_and_writes_what_a_gpu_run_writes(full):
         assert all(r["sdpa"].startswith("scaled_dot_product_") and r["sdpa"] != "scaled_dot_product_attention"
                    for r in latency)                                     # the kernel SDPA chose, not SDPA itself
         assert tables[(part, "e2e")] == 4 and tables[(part, "memory")] == 1 and tables[(part, "peaks")] == 1
+    tp = [r for r in rows if r["table"] == "tp-prediction"]                # from the peaks llada-8b measured
+    assert [(r["part"], r["policy"]) for r in tp] == [("llada-8b", n) for n in ("none", "dllm-cache", "d2cache",
+                                                                                 "dual-cache")]
+    assert all(r["tp1_ms"] > r["tp2_ms"] > r["tp4_ms"] > r["tp8_ms"] > 0 for r in tp)
     assert Counter(r["outcome"] for r in rows if r["part"] == "cuda-tests") == {"passed": 1, "skipped": 1}
     assert tables[("compile-tiny", "latency")] == 2 * sum(KINDS.values())
 

@@ -137,8 +137,10 @@ def _runs(tiny_dirs) -> list[dict]:
 def _tp1(runs: list[dict]) -> list:
     engines, out = {}, []
     for run in runs:
-        eng = engines.get(run["folder"]) or engines.setdefault(run["folder"],
-                                                                Engine.from_pretrained(run["folder"], backend="eager"))
+        key = (run["folder"], run.get("backend", "eager"), run.get("device", "cpu"))
+        if key not in engines:
+            engines[key] = Engine.from_pretrained(key[0], backend=key[1], device=key[2])
+        eng = engines[key]
         if "forward" in run:
             with torch.inference_mode():
                 out.append(forward(eng.weights, eng.cfg, torch.tensor([run["forward"]])).tolist())
@@ -166,6 +168,22 @@ def test_two_gloo_ranks_give_the_tokens_of_one_process(tiny_dirs, tmp_path):
     acc = [sum(answer(eng, ids) == a for ids, a in zip(toks, answers)) / len(answers)
            for run, toks in zip(runs, ranks[0]) if run["folder"] == str(TRAINED)]
     assert min(acc) >= 0.8, acc
+
+
+@pytest.mark.cuda
+def test_two_nccl_ranks_give_the_tokens_of_one_gpu(tmp_path):
+    """On a node with 2 GPUs (make gpu-check's cuda-tests part runs it there): NCCL, CUDA graphs, every
+    policy on the trained model, tokens equal one GPU's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs; this machine has {torch.cuda.device_count()}")
+    eng = Engine.from_pretrained(TRAINED, backend="eager")
+    prompts = [eng.encode(p + "\n") for p, _ in held_out(16)]
+    runs = [dict(folder=str(TRAINED), policy=spec, prompts=prompts, backend="cudagraph", device="cuda",
+                 options=dict(gen_length=8, steps=8, block_length=4)) for spec in SPECS]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    torchrun([str(ROOT / "tests" / "tp_worker.py"), str(tmp_path / "runs.json"), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] == _tp1(runs)
 
 
 def test_dllm_generate_under_torchrun(tmp_path):
