@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "trained" / "arith-llada"
-# nominal datasheet peaks (dense bf16 matmul FLOP/s, HBM bytes/s) for the prediction; measured ones are
-# what perf.roofline prints on a machine that has the device
+# the prediction uses perf.roofline's nominal datasheet peaks; measured ones are what perf.roofline prints
+# on a machine that has the device
 
 
 def start(model: Path, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
