@@ -227,3 +227,22 @@ def at(scale: torch.Tensor | None, i: int) -> torch.Tensor | None:
 def weight_mode(w) -> str:
     """none | int8 | int4: how a Weights' layer matrices are held (read from their dtype)."""
     return "none" if w.wqkv_scale is None else "int8" if w.wqkv.dtype == torch.int8 else "int4"
+
+
+def quantize_weights(w, cfg: ModelConfig, quant: Quantization, dtype):
+    """Dense Weights already on a device -> the same Weights with quant's matrices quantized there, one
+    layer at a time (random-weight benchmarks; checkpoints quantize while loading, checkpoint.load_weights)."""
+    import dataclasses
+    if not quant.on:
+        return w
+    quant.check(cfg)
+    full, out = matrix_shapes(cfg), {}
+    for f in quant.fields(cfg):
+        G, dense = quant.group_for(f, full[f][1]), getattr(w, f)
+        mats = [dense] if f == "head" else list(dense)
+        parts = [to_device(*quantize(m, quant.mode, G, dtype), m.device, dtype) for m in mats]
+        if f == "head":
+            out[f], out[f + "_scale"] = parts[0]
+        else:
+            out[f], out[f + "_scale"] = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return dataclasses.replace(w, **out)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dllm.models.config import ModelConfig
+from dllm.models.quant import Quantization
 from dllm.runtime.policy.base import LayerWork, Policy
 from dllm.runtime.state import RequestShape
 
@@ -32,25 +33,49 @@ class Cost:
     cache: float = 0.0      # the part of bytes that is one batch row's cache traffic (the rest: weights)
 
 
-def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
-    """One layer for one batch row: FLOPs of its matmuls and the bytes of its weights and cache."""
+def matrix_bytes(N: int, K: int, elt: int, mode: str = "none", group: int = 128) -> float:
+    """Bytes of an N x K weight matrix as stored: dense (elt each), int8 (1 byte + one scale per row) or
+    int4 (half a byte + a (scale, zero) pair per group of `group`): models/quant.py's layouts."""
+    if mode == "int8":
+        return N * K + N * elt
+    if mode == "int4":
+        return N * K / 2 + 2 * N * (K // group) * elt
+    return N * K * elt
+
+
+def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int, quant: Quantization | None = None) -> Cost:
+    """One layer for one batch row: FLOPs of its matmuls and the bytes of its weights and cache. quant:
+    the matrices' bytes as quantized (int4 cannot slice its packed rows: a projection of only Q|K or only
+    V reads the whole fused matrix, models/quant.linear)."""
     d, F, qw, kw = cfg.d_model, cfg.mlp_hidden, cfg.q_width, cfg.kv_width
     r, v = lw.rows, lw.v_rows
     flops = 2 * r * d * (qw + kw) + 2 * v * d * kw                  # Q, K of the rows; V of the v rows
     flops += 4 * r * L * qw + (2 * r * L * qw if lw.probs else 0)   # scores and weighted values (+ probabilities)
     flops += 2 * r * qw * d + 6 * r * d * F                         # output projection, SwiGLU FFN
-    weights = ((qw + kw) * d + qw * d + 3 * d * F if r else 0) + (kw * d if v else 0)
     cache = (2 * L * kw if r else 0) + 2 * r * kw + v * kw + 2 * r * d   # read K/V; write the rows' K, V, A, M
-    return Cost(flops, (weights + cache) * elt, cache * elt)
+    mode = quant.mode if quant is not None else "none"
+
+    def mb(field, N, K):
+        return matrix_bytes(N, K, elt, mode, quant.group_for(field, K) if mode == "int4" else 128)
+    if mode == "int4":
+        qkv = mb("wqkv", qw + 2 * kw, d) * ((1 if r else 0) + (1 if v and v != r else 0))
+        weights = qkv + ((mb("wo", d, qw) + mb("w_gate_up", 2 * F, d) + mb("w_down", d, F)) if r else 0)
+    else:
+        weights = ((mb("wqkv", qw + kw, d) + mb("wo", d, qw) + mb("w_gate_up", 2 * F, d) + mb("w_down", d, F))
+                   if r else 0) + (mb("wqkv", kw, d) if v else 0)
+    return Cost(flops, weights + cache * elt, cache * elt)
 
 
 def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, kind: str,
-              dtype: torch.dtype) -> Cost:
-    """The FLOPs and bytes of one step of `kind` (all batch rows)."""
+              dtype: torch.dtype, quant: Quantization | None = None) -> Cost:
+    """The FLOPs and bytes of one step of `kind` (all batch rows); quant: weight-only quantized matrices."""
     elt = torch.empty(0, dtype=dtype).element_size()
     L, B, Bl = shape.length, shape.batch, shape.block_length
-    layers = [layer_cost(cfg, L, lw, elt) for lw in policy.work(cfg, shape, kmax, kind)]
-    head_flops, head_bytes = 2 * Bl * cfg.d_model * cfg.vocab_size, cfg.d_model * cfg.vocab_size * elt
+    layers = [layer_cost(cfg, L, lw, elt, quant) for lw in policy.work(cfg, shape, kmax, kind)]
+    head_mode = quant.mode if quant is not None and "head" in quant.fields(cfg) else "none"
+    head_flops = 2 * Bl * cfg.d_model * cfg.vocab_size
+    head_bytes = matrix_bytes(cfg.vocab_size, cfg.d_model, elt, head_mode,
+                              quant.group_for("head", cfg.d_model) if head_mode == "int4" else 128)
     weight_bytes = sum(c.bytes - c.cache for c in layers)      # read once per step whatever the batch
     cache_bytes = B * sum(c.cache for c in layers)             # every batch row's own keys, values, deltas
     return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + cache_bytes + head_bytes,
@@ -111,13 +136,13 @@ def measure_peaks(device, dtype: torch.dtype, cfg: ModelConfig | None = None, ro
 
 
 def roofline_rows(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, dtype: torch.dtype,
-                  times: dict[str, float], peaks: Peaks) -> list[dict]:
+                  times: dict[str, float], peaks: Peaks, quant: Quantization | None = None) -> list[dict]:
     """One row per step kind of `policy` timed in `times` (seconds): its cost, floor and achieved fraction."""
     rows = []
     for kind in policy.kinds:
         if kind not in times:
             continue
-        cost = kind_cost(cfg, shape, kmax, policy, kind, dtype)
+        cost = kind_cost(cfg, shape, kmax, policy, kind, dtype, quant)
         floor, bound = peaks.floor(cost)
         rows.append(dict(policy=policy.name, kind=kind, ms=times[kind] * 1e3, gflop=cost.flops / 1e9,
                          mb=cost.bytes / 1e6, floor_ms=floor * 1e3, bound=bound, fraction=floor / times[kind]))
@@ -152,23 +177,27 @@ def main(argv=None) -> None:
                     " (CUDA: also cudagraph, compile+cudagraph)")
     ap.add_argument("--policies", nargs="+", default=["none", "dllm-cache", "d2cache", "dual-cache"])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                    help="weight-only quantization (bytes counted as stored)")
     a = ap.parse_args(argv)
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
-    eng = preset_engine(a.family, a.preset, device=device, dtype=dtype)
+    quant = Quantization(a.quantize)
+    eng = preset_engine(a.family, a.preset, device=device, dtype=dtype, quantize=a.quantize)
     cfg = eng.cfg
     block = a.block_length
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
     prompt = random_prompt(cfg, a.prompt_len)
     peaks = measure_peaks(device, dtype, cfg, shape.length)
     print(f"# {cfg.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
-          f"P={a.prompt_len} G={a.gen_length} block={block} backend={a.backend} threads={torch.get_num_threads()}")
+          f"P={a.prompt_len} G={a.gen_length} block={block} backend={a.backend} threads={torch.get_num_threads()} "
+          f"quantize={a.quantize}")
     print(f"# {peaks.describe()}")
     rows = []
     for name in a.policies:
         policy = make_policy(name)
         times, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, [a.backend], a.iters)
         kmax = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).state.kmax
-        rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks)
+        rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks, quant)
     print("\n".join(markdown(rows)))
 
 

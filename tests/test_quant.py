@@ -175,3 +175,18 @@ def test_bad_quantize_mode_from_python_and_eval(small_pair):
     from dllm.apps.evaluate import check_model_args
     with pytest.raises(CheckpointError, match="does not divide"):
         check_model_args({"model": str(small_pair["llada"]), "quantize": "int4", "quantize_group": "64"})
+
+
+@pytest.mark.parametrize("quant", [None, Quantization("int8"), Quantization("int4"), Quantization("int4", head=True)],
+                         ids=["bf16", "int8", "int4", "int4-head"])
+def test_roofline_counts_the_quantized_bytes(quant):
+    """perf.roofline's full step at the 8B shape reads every matrix once: its weight bytes are exactly what
+    load_weights holds, less the embedding and the norms (gathered rows / elementwise, not streamed)."""
+    from dllm.perf.roofline import kind_cost
+    from dllm.runtime.state import RequestShape
+    cfg = parse_config(tiny_config("llada", SHAPE_PRESETS["llada-8b-shape"]))
+    shape = RequestShape(1, 512, 256, 32, 256)
+    cost = kind_cost(cfg, shape, 8, POLICIES["none"](), "full", torch.bfloat16, quant)
+    d, nL, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    not_streamed = 2 * (V * d + 2 * nL * d + d)
+    assert cost.bytes - cost.cache == weight_bytes(cfg, quant, torch.bfloat16) - not_streamed
