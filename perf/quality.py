@@ -138,8 +138,9 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=240)
     ap.add_argument("--backends", nargs="+", default=["eager", "compile"])
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
-    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none"],
-                    help="weight-only quantization modes to run each configuration in")
+    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4", "int8+head", "int4+head"],
+                    default=["none"], help="weight-only quantization modes to run each configuration in (+head: "
+                    "the LM head quantized too)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pads", type=int, nargs="+", default=[0, 1, 2, 3],
                     help="extra left padding (columns) to measure accuracy at; 0 is the canonical run")
@@ -156,7 +157,8 @@ def main(argv=None) -> None:
         col = " ".join([backend] + ([dtype] if a.dtypes != ["float32"] else [])
                        + ([quant] if a.quantize != ["none"] else []))
         columns.append(col)
-        eng = Engine.from_pretrained(a.model, backend=backend, dtype=dtype, quantize=quant)
+        eng = Engine.from_pretrained(a.model, backend=backend, dtype=dtype, quantize=quant.split("+")[0],
+                                     quantize_head=quant.endswith("+head"))
         for label, options in CONFIGS:
             c = cells[col, label] = measure(eng, examples, options, a.repeats, a.pads)
             print(f"{label:<38} {col:<8} {c.accuracy:>9.1%} {f'{c.low:.1%}–{c.high:.1%}':>15} {c.flips:>5} "

@@ -1,7 +1,8 @@
 """Weight-only int8 / int4 against bf16 and fp32: memory, greedy agreement, every step kind, end to end.
 
     python -m dllm.perf.quant --preset small [--family llada] [--prompt-len 256] [--gen-length 64]
-                              [--block-length 32] [--iters 5] [--repeats 3] [--backend eager] [--no-timing]
+                              [--block-length 32] [--iters 5] [--repeats 3] [--backend eager] [--head]
+                              [--no-timing]
 
 One run, one machine: the preset is written as a real-format checkpoint and loaded four ways (fp32, bf16,
 and int8 / int4 weights with --act-dtype activations, bf16 by default). Prints the loaded weight bytes
@@ -31,9 +32,10 @@ from .e2e import random_prompt
 POLICIES = ["none", "dllm-cache:kp=100,kr=7,rho=0.25", "d2cache:k=32,attn_budget=32", "dual-cache"]
 
 
-def modes(act: str) -> dict[str, tuple[str, str]]:
-    """label -> (activation dtype, quantize)."""
-    return {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": (act, "int8"), "int4": (act, "int4")}
+def modes(act: str, head: bool = False) -> dict[str, tuple[str, str]]:
+    """label -> (activation dtype, quantize); head: also int8 / int4 with the LM head quantized (MODE+head)."""
+    out = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": (act, "int8"), "int4": (act, "int4")}
+    return out | ({"int8+head": (act, "int8"), "int4+head": (act, "int4")} if head else {})
 
 
 def weight_bytes(eng: Engine) -> int:
@@ -103,6 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", default="eager", help="eager | compile (CPU)")
     ap.add_argument("--iters", type=int, default=5, help="timed calls of each step kind (median)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations of each policy (median)")
+    ap.add_argument("--head", action="store_true", help="also int8 / int4 with the LM head quantized")
     ap.add_argument("--no-timing", action="store_true", help="memory and agreement only (no timed runs)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
@@ -111,8 +114,9 @@ def main(argv=None) -> None:
     G, block = a.gen_length, a.block_length
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny(Path(tmp) / a.preset, a.family, a.preset, tokenizer=False)
-        engines = {m: Engine.from_pretrained(folder, dtype=dt, quantize=q, backend=a.backend)
-                   for m, (dt, q) in modes(a.act_dtype).items()}
+        engines = {m: Engine.from_pretrained(folder, dtype=dt, quantize=q, backend=a.backend,
+                                             quantize_head=m.endswith("+head"))
+                   for m, (dt, q) in modes(a.act_dtype, a.head).items()}
     cfg = engines["bf16"].cfg
     prompt = random_prompt(cfg, a.prompt_len)
     kw = dict(gen_length=G, steps=G, block_length=block)
