@@ -190,3 +190,35 @@ def test_roofline_counts_the_quantized_bytes(quant):
     d, nL, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     not_streamed = 2 * (V * d + 2 * nL * d + d)
     assert cost.bytes - cost.cache == weight_bytes(cfg, quant, torch.bfloat16) - not_streamed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_kernels_are_the_dequantized_matmul(mode):
+    """The CUDA packing and kernels (aten._convert_weight_to_int4pack / _weight_int4pack_mm; int8 shares
+    the op) = x @ dequantized.T in bf16, to bf16's output rounding (2^-8 relative, twice for the kernel's
+    partial sums), row ranges included; and they match the CPU kernels' outputs to the same tolerance."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(256, 512, generator=g), torch.randn(7, 512, generator=g).to(torch.bfloat16)
+    q, s = quantize(w, mode, 128, torch.bfloat16)
+    ref = x.float() @ dequantize(q, s).t()
+    pw, ps = to_device(q, s, "cuda", torch.bfloat16)
+    cw, cs = to_device(q, s, "cpu", torch.bfloat16)
+    tol = 2 * 2 ** -8 * ref.abs().max().item()
+    for lo, hi in [(0, None), (128, None), (0, 64)]:
+        y = linear(x.cuda(), pw, ps, lo, hi).float().cpu()
+        assert (y - ref[:, lo:hi]).abs().max() <= tol
+        assert (y - linear(x, cw, cs, lo, hi).float()).abs().max() <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_policy_runs_quantized_on_cuda_graphs(small_pair, mode):
+    """Quantized weights under CUDA-graph replay give the quantized eager tokens on the same device."""
+    eager = Engine.from_pretrained(small_pair["llada"], device="cuda", dtype="bfloat16", quantize=mode,
+                                   backend="eager")
+    graph = Engine.from_pretrained(small_pair["llada"], device="cuda", dtype="bfloat16", quantize=mode,
+                                   backend="cudagraph")
+    for cls in POLICIES.values():
+        assert graph.generate("hello", **SHAPE, policy=cls()).tokens == eager.generate("hello", **SHAPE,
+                                                                                        policy=cls()).tokens
