@@ -191,14 +191,14 @@ def test_every_step_kind_is_capture_safe_at_real_shape(meta_models, family, poli
     assert len(ran) >= len(policy.kinds) * (len(DECODING[family]) - 1)
 
 
-# Quantized weights (models/quant.py): int8, and int4 as packed for the CPU and for the CUDA kernel
-# packing. torch 2.13's meta kernel of the CUDA op (aten._weight_int4pack_mm) reads `fake_device`, which only
-# a FakeTensor has, so the CUDA packing is traced under the compile test (Dynamo's fake tensors), not watched.
-QUANTIZED = [("int8", "cpu"), ("int4", "cpu"), ("int4", "cuda")]
+# Quantized weights (models/quant.py): int8, and int4 as packed for the CPU kernel. The CUDA packing cannot be
+# checked off a GPU: torch 2.13's meta kernel of aten._weight_int4pack_mm reads `w.fake_device`, an attribute
+# no meta tensor has (AttributeError, eager and under Dynamo alike); the `cuda` tests in test_quant.py run it.
+QUANTIZED = [("int8", "cpu"), ("int4", "cpu")]
 
 
 @pytest.mark.parametrize("family", list(PRESET))
-@pytest.mark.parametrize("mode,packed_for", QUANTIZED[:2])
+@pytest.mark.parametrize("mode,packed_for", QUANTIZED)
 def test_quantized_step_kinds_are_capture_safe_at_real_shape(family, mode, packed_for, record_property):
     """Every kind of every policy with quantized weights (the head too: every matmul of the step runs a
     quantized kernel) at the real shape in bf16 on meta, greedy, under the watcher: the quantized matmuls
