@@ -97,9 +97,16 @@ class Cell:
         return f"{self.accuracy:.1%} ({self.low:.1%}–{self.high:.1%})".replace("%", " %")
 
 
-def measure(eng: Engine, examples, options: dict, repeats: int, pads) -> Cell:
-    """One configuration; its speedup is against NoCache timed right after it (same batch, same load)."""
+def measure(eng: Engine, examples, options: dict, repeats: int, pads, timed: bool = True) -> Cell:
+    """One configuration; its speedup is against NoCache timed right after it (same batch, same load).
+    timed=False: one untimed generation per padding (accuracy only; seconds and speedup are nan)."""
     policy, opts = configuration(options)
+    if not timed:
+        longest = max(len(eng.encode(p + "\n")) for p, _ in examples)
+        runs = [correct(eng, examples, policy, prompt_bucket=longest + pad, **opts) for pad in pads]
+        accs = [sum(r) / len(r) for r in runs]
+        return Cell(accs[0], min(accs), max(accs), sum(len(set(col)) > 1 for col in zip(*runs)),
+                    float("nan"), float("nan"), 0)
     acc, sec, steps = evaluate(eng, examples, policy, repeats, **opts)
     base = evaluate(eng, examples, configuration({})[0], repeats)[1] if options else sec
     longest = max(len(eng.encode(p + "\n")) for p, _ in examples)
@@ -145,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pads", type=int, nargs="+", default=[0, 1, 2, 3],
                     help="extra left padding (columns) to measure accuracy at; 0 is the canonical run")
     ap.add_argument("--markdown", action="store_true", help="print the README table when done")
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="one untimed generation per configuration and padding (seconds, speedup, steps: nan / 0)")
     a = ap.parse_args(argv)
     examples = held_out(a.n)
     print(f"# {a.model}: {a.n} held-out prompts (never trained on), exact match, batch of {a.n}, "
@@ -160,7 +169,7 @@ def main(argv=None) -> None:
         eng = Engine.from_pretrained(a.model, backend=backend, dtype=dtype, quantize=quant.split("+")[0],
                                      quantize_head=quant.endswith("+head"))
         for label, options in CONFIGS:
-            c = cells[col, label] = measure(eng, examples, options, a.repeats, a.pads)
+            c = cells[col, label] = measure(eng, examples, options, a.repeats, a.pads, not a.accuracy_only)
             print(f"{label:<38} {col:<8} {c.accuracy:>9.1%} {f'{c.low:.1%}–{c.high:.1%}':>15} {c.flips:>5} "
                   f"{c.seconds:>8.3f} {c.speedup:>7.2f}x {c.steps:>6}", flush=True)
     if a.markdown:
