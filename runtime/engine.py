@@ -175,6 +175,9 @@ class Engine:
         folder = resolve_model(folder)
         cfg = load_config(folder)
         quant.check(cfg)
+        if quant.on and torch.device(device).type == "cpu" and dtype == torch.float32:
+            log.warning("--quantize %s with float32 activations runs PyTorch's generic CPU kernel, tens of times "
+                        "slower than float32 itself; use bfloat16 (--dtype auto / bfloat16)", quant.mode)
         defaults = GenerationDefaults.read(folder)
         text = Text(cfg, folder, trust_remote_code)
         for r in check:
