@@ -2,7 +2,7 @@
 
     python -m dllm.perf.quant --preset small [--family llada] [--prompt-len 256] [--gen-length 64]
                               [--block-length 32] [--iters 5] [--repeats 3] [--backend eager] [--head]
-                              [--no-timing]
+                              [--no-timing] [--kernels]
 
 One run, one machine: the preset is written as a real-format checkpoint and loaded four ways (fp32, bf16,
 and int8 / int4 weights with --act-dtype activations, bf16 by default). Prints the loaded weight bytes
@@ -88,6 +88,32 @@ def e2e_times(engines: dict, specs: list[str], prompt, repeats: int, **kw) -> tu
     return {k: statistics.median(v) for k, v in times.items() if v}, tokens
 
 
+def kernel_table(K: int, N: int, rows=(16, 320, 2000), seconds: float = 0.3) -> list[str]:
+    """One matmul [M, K] x [N, K]^T per weight kind and activation dtype: ms (best-of loop mean over
+    `seconds`), dense / int8 / int4 interleaved per shape (models/quant.linear, the kernels steps use)."""
+    from dllm.models.quant import Quantization, linear, quantize, to_device
+    G = Quantization("int4").group_for("w_gate_up", K)
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
+    out = ["| M | activations | dense ms | int8 ms | int4 ms |", "|---|---|---|---|---|"]
+    with torch.inference_mode():
+        for M in rows:
+            for dt in (torch.bfloat16, torch.float32):
+                x, calls = torch.randn(M, K).to(dt), {"dense": (lambda wd=w.to(dt): x @ wd.t())}
+                for mode in ("int8", "int4"):
+                    pw, ps = to_device(*quantize(w, mode, G, dt), "cpu", dt)
+                    calls[mode] = lambda pw=pw, ps=ps: linear(x, pw, ps)
+                ms = {}
+                for name, f in calls.items():
+                    f()
+                    n, t0 = 0, time.perf_counter()
+                    while time.perf_counter() - t0 < seconds:
+                        f()
+                        n += 1
+                    ms[name] = (time.perf_counter() - t0) / n * 1e3
+                out.append(f"| {M} | {str(dt)[6:]} | {ms['dense']:.3f} | {ms['int8']:.3f} | {ms['int4']:.3f} |")
+    return out
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
@@ -108,9 +134,17 @@ def main(argv=None) -> None:
     ap.add_argument("--head", action="store_true", help="also int8 / int4 with the LM head quantized")
     ap.add_argument("--no-timing", action="store_true", help="memory and agreement only (no timed runs)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the matmul kernels: the preset's FFN up matrix, dense / int8 / int4, bf16 and fp32")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.kernels:
+        p = PRESETS[a.preset]
+        print(f"# one matmul x [M, {p.d_model}] @ W [{2 * p.mlp_hidden}, {p.d_model}]^T (the {a.preset} preset's "
+              f"gate|up), threads={torch.get_num_threads()}\n")
+        print("\n".join(kernel_table(p.d_model, 2 * p.mlp_hidden)))
+        return
     G, block = a.gen_length, a.block_length
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny(Path(tmp) / a.preset, a.family, a.preset, tokenizer=False)
