@@ -170,9 +170,10 @@ def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, devi
         except Exception as e:
             raise CheckpointError(f"{where[name]}: cannot read tensor '{name}' ({e}); the file is truncated or "
                                   f"corrupt, download it again") from None
-        if not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{where[name]}: tensor '{name}' holds NaN or Inf values; the checkpoint is corrupt")
         if field in quant.fields(cfg):
+            if not bool(torch.isfinite(t).all()):      # dense fields are checked once converted, below
+                raise CheckpointError(f"{where[name]}: tensor '{name}' holds NaN or Inf values; the checkpoint is "
+                                      f"corrupt")
             slot = staged.setdefault((field, layer), [torch.empty(full[field]), full[field][0]])
             (slot[0] if rows is None else slot[0][rows]).copy_(t)
             slot[1] -= shape[0]
