@@ -88,7 +88,7 @@ def e2e_times(engines: dict, specs: list[str], prompt, repeats: int, **kw) -> tu
     return {k: statistics.median(v) for k, v in times.items() if v}, tokens
 
 
-def kernel_table(K: int, N: int, rows=(16, 320, 2000), seconds: float = 0.3) -> list[str]:
+def kernel_table(K: int, N: int, rows=(16, 320), seconds: float = 0.3) -> list[str]:
     """One matmul [M, K] x [N, K]^T per weight kind and activation dtype: ms (best-of loop mean over
     `seconds`), dense / int8 / int4 interleaved per shape (models/quant.linear, the kernels steps use)."""
     from dllm.models.quant import Quantization, linear, quantize, to_device
