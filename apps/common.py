@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from dllm.graphs import BACKENDS
+from dllm.models.quant import MODES, Quantization
 from dllm.runtime import POLICIES, Engine, Request, RequestError
 from dllm.runtime.device import DTYPE_CHOICES
 from dllm.runtime.options import field_kind, request_options
@@ -84,6 +85,12 @@ def engine_args(g, *, backend_help: str = "how steps run (default: the fastest f
     g.add_argument("--backend", choices=BACKENDS, default=None, help=backend_help)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the folder's custom tokenizer code (Dream's tokenizer needs it)")
+    g.add_argument("--quantize", choices=list(MODES), default="none",
+                   help="weight-only quantization of the attention and FFN matrices while loading: int8 (per "
+                        "output channel) or int4 (group-wise); activations stay in --dtype (docs/quantization.md)")
+    g.add_argument("--quantize-group", type=int, default=None, metavar="G",
+                   help="int4 group size: 32, 64, 128 or 256 (default 128, smaller where a width needs it)")
+    g.add_argument("--quantize-head", action="store_true", help="quantize the LM head too (default: kept)")
 
 
 def tp_arg(g) -> None:
@@ -100,7 +107,14 @@ def follower(a: argparse.Namespace) -> bool:
 def engine_from_args(a: argparse.Namespace, backend: str | None = None, **engine_options) -> Engine:
     """The engine the flags describe (engine_options: Engine's, and from_pretrained's `check`)."""
     return Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
-                                  backend=a.backend or backend, tp=getattr(a, "tp", 1), **engine_options)
+                                  backend=a.backend or backend, tp=getattr(a, "tp", 1), **quantize_options(a),
+                                  **engine_options)
+
+
+def quantize_options(a: argparse.Namespace) -> dict:
+    """from_pretrained's quantize keywords from the flags, checked now (one line, before anything loads)."""
+    Quantization(a.quantize, a.quantize_group, a.quantize_head)
+    return dict(quantize=a.quantize, quantize_group=a.quantize_group, quantize_head=a.quantize_head)
 
 
 # ---------------------------------------------------------------- output

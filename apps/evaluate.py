@@ -58,6 +58,7 @@ from dllm.graphs import BACKENDS
 from dllm.models.config import ModelConfig, load_config
 from dllm.models.hub import resolve_model
 from dllm.models.layers import forward
+from dllm.models.quant import Quantization
 from dllm.runtime import Engine, GenerationDefaults, NoCache, Request, RequestError
 from dllm.runtime.device import DTYPE_CHOICES
 from dllm.runtime.options import coerce, policy_option_names, request_options
@@ -74,6 +75,9 @@ class EvalConfig:
     device: str = "cpu"
     backend: str | None = None
     trust_remote_code: bool = False
+    quantize: str = "none"                # none | int8 | int4 (Engine.from_pretrained's)
+    quantize_group: int | None = None
+    quantize_head: bool = False
     batch_size: int = 1                   # prompts per generation batch (lm-eval's --batch_size; "auto" = 64)
     max_batch_size: int | None = None     # the batch for batch_size=auto
     mc_num: int = 128                     # Monte-Carlo samples per log-likelihood
@@ -139,6 +143,7 @@ def check_model_args(args: dict) -> tuple[EvalConfig, ModelConfig]:
     cfg = EvalConfig.parse(args)
     folder = resolve_model(cfg.model)
     mcfg = load_config(folder)
+    Quantization(cfg.quantize, cfg.quantize_group, cfg.quantize_head).check(mcfg)
     request = cfg.request.resolved(GenerationDefaults.read(folder))
     request.shape_check()
     request.check(mcfg)
@@ -230,7 +235,8 @@ class DllmLM(LM):
         self.config, _ = check_model_args(model_args)
         c = self.config
         self.engine = engine or Engine.from_pretrained(c.model, device=c.device, dtype=c.dtype, backend=c.backend,
-                                                       trust_remote_code=c.trust_remote_code)
+                                                       trust_remote_code=c.trust_remote_code, quantize=c.quantize,
+                                                       quantize_group=c.quantize_group, quantize_head=c.quantize_head)
         self.request = c.request.resolved(self.engine.defaults)      # lengths set: the model's defaults
         mcfg = self.engine.cfg
         if self.engine.tokenizer is None:

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "serve": ("dllm.apps.serve.main", "serve", "an OpenAI-compatible HTTP server over one engine"),
     "eval": ("dllm.apps.evaluate", "eval", "lm-evaluation-harness with the runtime as model 'dllm'"),
     "export": ("dllm.apps.export.main", None, "write one request shape as a package a C++ host runs"),
+    "quantize": ("dllm.apps.quantize", None, "write a weight-only int8 / int4 copy of a checkpoint folder"),
     "bench": ("dllm.perf.report", None, "the headline latency report for this machine (perf.report)"),
 }
 

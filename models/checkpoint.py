@@ -5,6 +5,7 @@ layer runs two input matmuls instead of five. Per-layer tensors are stacked on a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -18,6 +19,8 @@ from .config import CheckpointError, ModelConfig, load_config
 from .family import FAMILIES
 from .memory import check_fits
 from .parallel import Shard
+from .quant import CONFIG_KEY, STORED_FILE, Quantization, device_shapes, matrix_shapes, quantize, to_device
+from .quant import nbytes as qnbytes
 
 
 @dataclass
@@ -32,6 +35,12 @@ class Weights:
     w_down: torch.Tensor       # [nL, d, F]
     final_norm: torch.Tensor   # [d]
     head: torch.Tensor         # [V, d]             the embedding itself when tied
+    # Quantized matrices (models/quant.py): the field above holds the int8 / packed int4 weight, this its scales
+    wqkv_scale: torch.Tensor | None = None
+    wo_scale: torch.Tensor | None = None
+    w_gate_up_scale: torch.Tensor | None = None
+    w_down_scale: torch.Tensor | None = None
+    head_scale: torch.Tensor | None = None
     shard: Shard = Shard()     # the tensor-parallel rank these weights are (q, kv, F and V above are 1/N each)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -120,10 +129,26 @@ _LAYER = re.compile(r"\.(?:layers|blocks)\.(\d+)\.")
 
 
 def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, device="cpu",
-                 shard: Shard = Shard()) -> Weights:
-    """The weights of a checkpoint folder (shard: only this tensor-parallel rank's heads, FFN columns and
-    vocabulary rows are read and allocated)."""
+                 quant: Quantization | None = None, packed: bool = True, shard: Shard = Shard()) -> Weights:
+    """The folder's weights as `dtype` on `device`. quant: quantize the attention and FFN matrices (and
+    the head if asked) layer by layer while loading: each layer's fused matrix is assembled in float32 on
+    the CPU, quantized on the device and packed; the dense model is never held on the device. A folder
+    written by `dllm quantize` (models/quant.CONFIG_KEY in config.json) loads its stored quantized form.
+    packed=False keeps quantized matrices in their stored form (what `save_quantized` writes). shard: only
+    this tensor-parallel rank's heads, FFN columns and vocabulary rows are read, allocated and quantized."""
     folder = Path(folder)
+    stored = stored_quantization(folder)
+    if stored is not None:
+        if quant is not None and quant.on and quant != stored:
+            raise CheckpointError(f"{folder} is already quantized ({stored.mode}); load it without --quantize or "
+                                  f"with the same options, or quantize the original checkpoint")
+        if shard.parallel:
+            raise CheckpointError(f"{folder} was written by dllm quantize, which loads on one rank; under --tp "
+                                  f"{shard.world} load the original checkpoint with --quantize {stored.mode}")
+        return _load_stored(folder, cfg, stored, dtype, device)
+    quant = quant or Quantization()
+    local = rank_shapes(cfg, shard)          # this rank's matrices (all of them without parallelism)
+    quant.check(local)
     where = _shard_map(folder)
     held = stored_layers(where)
     if cfg.n_layers > held:                  # before the name table of every layer is built (a million of them)
@@ -138,41 +163,158 @@ def load_weights(folder: str | Path, cfg: ModelConfig, dtype=torch.float32, devi
     if extra:
         raise CheckpointError(f"{folder}: {len(extra)} unexpected tensors: {_listing(extra)}; {hint}")
 
-    lc = shard.local(cfg)                    # this rank's heads and FFN columns (all of them without parallelism)
-    d, q, kv, F, V, nL = cfg.d_model, lc.q_width, lc.kv_width, lc.mlp_hidden, cfg.vocab_size, cfg.n_layers
-    shapes = dict(embed=(V, d), attn_norm=(nL, d), wqkv=(nL, q + 2 * kv, d), wo=(nL, d, q), ffn_norm=(nL, d),
-                  w_gate_up=(nL, 2 * F, d), w_down=(nL, d, F), final_norm=(d,), head=(V // shard.world, d))
-    if cfg.qkv_bias:
-        shapes["bqkv"] = (nL, q + 2 * kv)
-    if cfg.tied_head:
-        del shapes["head"]
+    shapes = {**dense_shapes(local, quant), "embed": (cfg.vocab_size, cfg.d_model)}   # the embedding: whole
     handles: dict = {}
     _check_headers(expected, where, handles)
-    nbytes = sum(math.prod(s) for s in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
-    check_fits(nbytes, device, f"loading the weights of {folder} as {str(dtype).replace('torch.', '')}")
+    embed_rest = (cfg.vocab_size - local.vocab_size) * cfg.d_model * torch.empty(0, dtype=dtype).element_size()
+    check_fits(load_bytes(local, quant, dtype, device) + embed_rest, device,
+               f"loading the weights of {folder} as {str(dtype).replace('torch.', '')}"
+               + (f" ({quant.mode})" if quant.on else ""))
     out = {k: torch.empty(s, dtype=dtype, device=device) for k, s in shapes.items()}
+    out |= {k: torch.empty(s, dtype=dt, device=device)
+            for k, (s, dt) in device_shapes(local, quant, device, dtype, packed).items()}
+    staged: dict = {}                        # (field, layer) -> [float32 matrix on the CPU, rows still missing]
+    full = matrix_shapes(local)
 
     for name, (field, layer, rows, shape) in expected.items():
+        rows = shard.local_rows(rows)        # where this rank's part of the segment lands in its fused matrix
         try:
             t = shard.read(handles[where[name]].get_slice(name), field, shape)
         except Exception as e:
             raise CheckpointError(f"{where[name]}: cannot read tensor '{name}' ({e}); the file is truncated or "
                                   f"corrupt, download it again") from None
+        if field in quant.fields(cfg):
+            if not bool(torch.isfinite(t).all()):      # dense fields are checked once converted, below
+                raise CheckpointError(f"{where[name]}: tensor '{name}' holds NaN or Inf values; the checkpoint is "
+                                      f"corrupt")
+            slot = staged.setdefault((field, layer), [torch.empty(full[field]), full[field][0]])
+            (slot[0] if rows is None else slot[0][rows]).copy_(t)
+            slot[1] -= t.shape[0]
+            if slot[1] == 0:                 # the layer's fused matrix is complete: quantize it and let it go
+                m = staged.pop((field, layer))[0].to(device)
+                q, s = quantize(m, quant.mode, quant.group_for(field, m.shape[1]), dtype)
+                if packed:
+                    q, s = to_device(q, s, device, dtype)
+                dst, dst_s = (out[field], out[field + "_scale"]) if layer is None else \
+                    (out[field][layer], out[field + "_scale"][layer])
+                dst.copy_(q)
+                dst_s.copy_(s)
+            continue
         dst = out[field] if layer is None else out[field][layer]
         if rows is not None:
-            dst = dst[shard.local_rows(rows)]
+            dst = dst[rows]
         dst.copy_(t)
     for field, t in out.items():
-        if not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{folder}: weight '{field}' holds NaN or Inf values (after conversion to "
                                   f"{str(dtype).replace('torch.', '')}); the checkpoint is corrupt")
     if cfg.tied_head:                        # the head is the embedding (this rank's vocabulary rows of it)
-        out["head"] = out["embed"][shard.rows(V // shard.world)]
+        out["head"] = out["embed"][shard.rows(local.vocab_size)]
     out.setdefault("bqkv", None)
     return Weights(**out, shard=shard)
 
 
-def load_checkpoint(folder: str | Path, dtype=torch.float32, device="cpu",
+def rank_shapes(cfg: ModelConfig, shard: Shard) -> ModelConfig:
+    """The config whose shapes one rank's matrices have: its heads, FFN columns and vocabulary rows (the
+    head's; the embedding stays whole). For sizing weights only: the rank computes with shard.local(cfg)."""
+    return dataclasses.replace(shard.local(cfg), vocab_size=cfg.vocab_size // shard.world)
+
+
+def dense_shapes(cfg: ModelConfig, quant: Quantization | None = None) -> dict[str, tuple[int, ...]]:
+    """The Weights fields held dense (in the engine dtype) and their shapes."""
+    d, q, kv, F, V, nL = cfg.d_model, cfg.q_width, cfg.kv_width, cfg.mlp_hidden, cfg.vocab_size, cfg.n_layers
+    shapes = dict(embed=(V, d), attn_norm=(nL, d), wqkv=(nL, q + 2 * kv, d), wo=(nL, d, q), ffn_norm=(nL, d),
+                  w_gate_up=(nL, 2 * F, d), w_down=(nL, d, F), final_norm=(d,), head=(V, d))
+    if cfg.qkv_bias:
+        shapes["bqkv"] = (nL, q + 2 * kv)
+    if cfg.tied_head:
+        del shapes["head"]
+    for f in (quant.fields(cfg) if quant is not None else ()):
+        del shapes[f]
+    return shapes
+
+
+def weight_bytes(cfg: ModelConfig, quant: Quantization | None, dtype, device="cpu") -> int:
+    """Bytes of the loaded weights (quantized matrices counted as stored on `device`)."""
+    quant = quant or Quantization()
+    dense = sum(math.prod(s) for s in dense_shapes(cfg, quant).values()) * torch.empty(0, dtype=dtype).element_size()
+    return dense + qnbytes(device_shapes(cfg, quant, device, dtype))
+
+
+def load_bytes(cfg: ModelConfig, quant: Quantization | None, dtype, device="cpu") -> int:
+    """The peak a load needs on `device`: the loaded weights, plus (quantizing) one layer's largest fused
+    matrix in float32 with its rounding temporaries (about 3x: the matrix, w / scale, the int values)."""
+    quant = quant or Quantization()
+    peak = 0
+    if quant.on:
+        peak = 3 * 4 * max(math.prod(s) for f, s in matrix_shapes(cfg).items() if f in quant.fields(cfg))
+    return weight_bytes(cfg, quant, dtype, device) + peak
+
+
+def stored_quantization(folder: Path) -> Quantization | None:
+    """The quantization a `dllm quantize` folder was written with (None: an ordinary checkpoint)."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Quantization.from_entry(raw[CONFIG_KEY]) if isinstance(raw, dict) and CONFIG_KEY in raw else None
+
+
+def _load_stored(folder: Path, cfg: ModelConfig, quant: Quantization, dtype, device) -> Weights:
+    """A `dllm quantize` folder: Weights fields by name (quantized ones in their stored form), packed for
+    the device without re-quantizing."""
+    path = folder / STORED_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: config.json says '{CONFIG_KEY}' but there is no {STORED_FILE}; "
+                              f"write the folder again with dllm quantize")
+    h = _open(path)
+    check_fits(load_bytes(cfg, quant, dtype, device), device, f"loading the quantized weights of {folder}")
+    names = set(h.keys())
+    need = set(dense_shapes(cfg, quant)) | {f for f in quant.fields(cfg)} | {f + "_scale" for f in quant.fields(cfg)}
+    if need - names:
+        raise CheckpointError(f"{path}: tensors missing: {_listing(need - names)}; write the folder again with "
+                              f"dllm quantize")
+    out = {k: h.get_tensor(k).to(device=device, dtype=dtype) for k in dense_shapes(cfg, quant)}
+    for f in quant.fields(cfg):
+        q, s = h.get_tensor(f), h.get_tensor(f + "_scale")
+        if f == "head":
+            out[f], out[f + "_scale"] = to_device(q, s, device, dtype)
+        else:
+            packed = [to_device(q[i], s[i], device, dtype) for i in range(cfg.n_layers)]
+            out[f] = torch.stack([p[0] for p in packed])
+            out[f + "_scale"] = torch.stack([p[1] for p in packed])
+    if cfg.tied_head:
+        out["head"] = out["embed"]
+    out.setdefault("bqkv", None)
+    return Weights(**out)
+
+
+def save_quantized(folder: str | Path, out: str | Path, quant: Quantization, dtype=torch.float32) -> Path:
+    """Write a quantized copy of a checkpoint folder: its non-weight files, config.json with the
+    CONFIG_KEY entry and quantized.safetensors (dense fields in dtype, quantized ones in their stored,
+    device-independent form). Layer by layer on the CPU."""
+    import shutil
+
+    from safetensors.torch import save_file
+    folder, out = Path(folder), Path(out)
+    cfg = load_config(folder)
+    quant.check(cfg)
+    dense = load_weights(folder, cfg, dtype=dtype, quant=quant, packed=False).tensors()
+    out.mkdir(parents=True, exist_ok=True)
+    for p in folder.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json",
+                                                                                  "model.safetensors.index.json"):
+            shutil.copy2(p, out / p.name)
+    raw = json.loads((folder / "config.json").read_text())
+    raw[CONFIG_KEY] = quant.entry(cfg)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    if cfg.tied_head:
+        del dense["head"]
+    save_file({k: v.contiguous() for k, v in dense.items()}, str(out / STORED_FILE))
+    return out
+
+
+def load_checkpoint(folder: str | Path, dtype=torch.float32, device="cpu", quant: Quantization | None = None,
                     shard: Shard = Shard()) -> tuple[ModelConfig, Weights]:
     cfg = load_config(folder)
-    return cfg, load_weights(folder, cfg, dtype=dtype, device=device, shard=shard)
+    return cfg, load_weights(folder, cfg, dtype=dtype, device=device, quant=quant, shard=shard)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Weights
 from .config import ModelConfig
+from .quant import at, linear
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,7 +50,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool
 
 def project(w: Weights, cfg: ModelConfig, i: int, xn: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
     """xn [B, S, d] (normed) -> columns lo:hi of the fused q|k|v projection [B, S, hi - lo] (bias included)."""
-    y = xn @ w.wqkv[i, lo:hi].t()
+    y = linear(xn, w.wqkv[i], at(w.wqkv_scale, i), lo, hi)
     if w.bqkv is not None:
         y = y + w.bqkv[i, lo:hi]
     return y
@@ -97,14 +98,14 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, cf
 
 def attn_out(w: Weights, i: int, o: torch.Tensor) -> torch.Tensor:
     """o [B, S, H*hd] -> [B, S, d] (row-parallel under tensor parallelism: the ranks' partial sums added)."""
-    return w.shard.all_reduce(o @ w.wo[i].t())
+    return w.shard.all_reduce(linear(o, w.wo[i], at(w.wo_scale, i)))
 
 
 def ffn(w: Weights, cfg: ModelConfig, i: int, h: torch.Tensor) -> torch.Tensor:
     """h [B, S, d] (residual stream after attention) -> FFN delta [B, S, d]."""
     hn = rms_norm(h, w.ffn_norm[i], cfg.norm_eps)
-    gate, up = (hn @ w.w_gate_up[i].t()).chunk(2, dim=-1)             # [B, S, F] each
-    return w.shard.all_reduce((F.silu(gate) * up) @ w.w_down[i].t())     # row-parallel: one all-reduce
+    gate, up = linear(hn, w.w_gate_up[i], at(w.w_gate_up_scale, i)).chunk(2, dim=-1)   # [B, S, F] each
+    return w.shard.all_reduce(linear(F.silu(gate) * up, w.w_down[i], at(w.w_down_scale, i)))   # row-parallel
 
 
 def _own_keys(k, v, xn):
@@ -140,7 +141,7 @@ def layer_rows(w: Weights, cfg: ModelConfig, i: int, x: torch.Tensor, cos: torch
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """h [B, R, d] final residual rows -> logits [B, R, V] in the model dtype (vocabulary-parallel under
     tensor parallelism: each rank's V/N logits, gathered in rank order)."""
-    return w.shard.all_gather(rms_norm(h, w.final_norm, cfg.norm_eps) @ w.head.t(), -1)
+    return w.shard.all_gather(linear(rms_norm(h, w.final_norm, cfg.norm_eps), w.head, w.head_scale), -1)
 
 
 def positions_and_mask(tokens: torch.Tensor, n_pad: torch.Tensor):

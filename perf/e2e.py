@@ -18,24 +18,28 @@ from pathlib import Path
 
 import torch
 
+from dllm.models.quant import Quantization, quantize_weights
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights, write_tiny
 from dllm.runtime import Engine
 from dllm.runtime.device import DTYPES
 from dllm.runtime.options import parse_spec
 
 
-def preset_engine(family: str, preset: str, *, device="cpu", dtype=torch.float32, backend="eager") -> Engine:
+def preset_engine(family: str, preset: str, *, device="cpu", dtype=torch.float32, backend="eager",
+                  quantize: str = "none") -> Engine:
     """An engine with a preset's weights. CPU presets are written as real-format checkpoints and loaded
-    with the real loader; real-dimension presets are random weights made directly on the device."""
+    with the real loader; real-dimension presets are random weights made directly on the device (and
+    quantized there, layer by layer, with quantize)."""
     device = torch.device(device)
     if preset in SHAPE_PRESETS:
         if device.type != "cuda":
             raise ValueError(f"preset {preset} has real dimensions: run it on a GPU (--device cuda)")
         cfg, weights = random_weights(family, SHAPE_PRESETS[preset], device, dtype)
+        weights = quantize_weights(weights, cfg, Quantization(quantize), dtype)
         return Engine(cfg, weights, device=device, dtype=dtype, backend=backend)
     with tempfile.TemporaryDirectory() as tmp:
         return Engine.from_pretrained(write_tiny(Path(tmp) / preset, family, preset, tokenizer=False),
-                                      device=device, dtype=dtype, backend=backend)
+                                      device=device, dtype=dtype, backend=backend, quantize=quantize)
 
 
 

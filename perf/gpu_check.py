@@ -20,7 +20,8 @@ of information per second:
   compile-tiny  compile+cudagraph at tiny shapes: tokens against eager, latency and compile seconds per kind
 
 Later invocations, never in the default: `--part baseline` (the GPU workflow's regression baseline, written
-into the output folder) and `--part compile-8b` (the compile backends at the 8B shapes).
+into the output folder), `--part compile-8b` (the compile backends at the 8B shapes) and `--part quantized`
+(LLaDA-8B shapes with int8 and int4 weights beside bf16, every step kind against its quantized weight floor).
 
 Into --out-dir (default $OUT, else gpu-check-out): report.md (rewritten as each part starts and ends),
 results.json (every part's outcome, one row per measurement), log.txt (every part's whole output). The last
@@ -268,15 +269,18 @@ def sdpa_kernels(body) -> str:
     return ", ".join(sorted(names)) or "(none seen)"
 
 
-def latencies(ctx: Ctx, family: str, tiny: bool, backends: tuple[str, ...], e2e_backend: str | None) -> list[str]:
+def latencies(ctx: Ctx, family: str, tiny: bool, backends: tuple[str, ...], e2e_backend: str | None,
+              quantize: str = "none") -> list[str]:
     """Every step kind of every policy (E2E_SPECS at the family's real shape in bf16; TINY_SPECS at a tiny
     one in fp32, and always in a dry run) on `backends`, one row each: ms, prepare (compile / capture)
     seconds, against the weight and compute floors; then end-to-end tokens/s on e2e_backend. A policy
-    that fails is recorded and the next one runs. Returns what failed."""
+    that fails is recorded and the next one runs. quantize: int8 / int4 weights (quantized on the device;
+    the weight floor is then that of the quantized bytes), rows tagged with it. Returns what failed."""
     import traceback
 
     import torch
 
+    from dllm.models.quant import Quantization, quantize_weights
     from dllm.models.tiny import PRESETS, SHAPE_PRESETS, random_weights
     from dllm.runtime import Engine
     from dllm.runtime.decoding import DecodeConfig
@@ -291,10 +295,12 @@ def latencies(ctx: Ctx, family: str, tiny: bool, backends: tuple[str, ...], e2e_
     shape = RequestShape(1, 16, 16, 8, 16) if tiny else RequestShape(1, 512, 256, 32, 256)
     dtype, iters = (torch.float32, 3) if tiny else (torch.bfloat16, 10)
     cfg, weights = random_weights(family, preset, torch.device(ctx.device), dtype)
+    weights = quantize_weights(weights, cfg, Quantization(quantize), dtype)
+    tag = {} if quantize == "none" else {"quantize": quantize}
     prompt = random_prompt(cfg, shape.prompt_bucket)
     bandwidth, flops = peaks(ctx.device, dtype)
     weight_bytes = nbytes(t for n, t in weights.tensors().items() if n != "embed")
-    ctx.row("peaks", family=family, shape=f"{'tiny' if tiny else PRESET[family]} P={shape.prompt_bucket} "
+    ctx.row("peaks", **tag, family=family, shape=f"{'tiny' if tiny else PRESET[family]} P={shape.prompt_bucket} "
             f"G={shape.gen_length} block {shape.block_length}", dtype=str(dtype)[6:], copy_gb_s=bandwidth / 1e9,
             matmul_tflop_s=flops / 1e12, weight_gb=weight_bytes / 1e9)
     eng, failed = Engine(cfg, weights, device=ctx.device, dtype=dtype, backend="eager"), []
@@ -314,7 +320,7 @@ def latencies(ctx: Ctx, family: str, tiny: bool, backends: tuple[str, ...], e2e_
                                              iters)
         except Exception as e:                                   # one policy's OOM or capture error: the next runs
             traceback.print_exc()
-            ctx.row("latency", family=family, policy=spec, error=first_line(e))
+            ctx.row("latency", **tag, family=family, policy=spec, error=first_line(e))
             failed.append(f"{family} {spec}: {first_line(e)}")
             continue
         finally:
@@ -323,7 +329,7 @@ def latencies(ctx: Ctx, family: str, tiny: bool, backends: tuple[str, ...], e2e_
             for kind, sec in times[b].items():
                 wf = floor.weights_s if kind == "full" else floor.partial_s
                 cf = kind_cost(cfg, shape, kmax, policy, kind, dtype).flops / flops
-                ctx.row("latency", family=family, policy=spec, kind=kind, backend=b, ms=sec * 1e3,
+                ctx.row("latency", **tag, family=family, policy=spec, kind=kind, backend=b, ms=sec * 1e3,
                         prepare_s=prepare_s[b], weight_floor_ms=wf * 1e3, x_weight_floor=sec / wf,
                         compute_floor_ms=cf * 1e3, x_compute_floor=sec / cf, sdpa=kernels[kind])
     if e2e_backend:
@@ -369,6 +375,29 @@ def tp_rows(ctx: Ctx) -> None:
     for (name, kind), seconds in tp_prediction(p["matmul_tflop_s"] * 1e12, p["copy_gb_s"] * 1e9, link).items():
         ms = {f"tp{n}_ms": t * 1e3 for n, t in zip((1, 2, 4, 8), seconds)}
         ctx.row("tp-prediction", policy=name, kind=kind, **ms)
+
+
+def quantized_part(ctx: Ctx) -> str | None:
+    """LLaDA-8B shapes, weight-only int8 and int4 (CUDA packing) beside bf16: every step kind on eager and
+    cudagraph against the floor of its own weight bytes (halved / about quartered), peak memory per mode;
+    the headline is the full step's ms per mode and its ratio to the bf16 row measured in this part."""
+    import torch
+    backends = ("eager",) if ctx.dry else ("eager", "cudagraph")
+    failed, peaks_gib = [], {}
+    for mode in ("none", "int8", "int4"):
+        if ctx.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        failed += latencies(ctx, "llada", False, backends, None, quantize=mode)
+        peaks_gib[mode] = torch.cuda.max_memory_allocated() / 2**30 if ctx.device == "cuda" else None
+        ctx.row("memory", quantize=mode, family="llada", peak_gib=peaks_gib[mode])
+    full = {r.get("quantize", "none"): r for r in ctx.table("latency")
+            if r.get("kind") == "full" and r["policy"] == "none" and r["backend"] == backends[-1]}
+    if "none" in full:
+        base = full["none"]["ms"]
+        ctx.headline(" · ".join(f"{'bf16' if m == 'none' else m} full {r['ms']:.2f} ms ({base / r['ms']:.2f}× bf16, "
+                                f"{r['x_weight_floor']:.2f}× its weight floor)" for m, r in full.items()))
+    return "; ".join(failed) or None
 
 
 def compile_part(ctx: Ctx, tiny: bool) -> str | None:
@@ -467,6 +496,7 @@ PARTS = {
     "dream-7b": Part(lambda ctx: family_part(ctx, "dream"), 150),
     "cpp-runner": Part(cpp_runner, 150), "aoti": Part(aoti, 150),
     "compile-tiny": Part(lambda ctx: compile_part(ctx, tiny=True), 240),
+    "quantized": Part(quantized_part, 420),
     "baseline": Part(baseline, 570), "compile-8b": Part(lambda ctx: compile_part(ctx, tiny=False), 570),
     "fault-raise": Part(fault_raise, 60), "fault-hang": Part(fault_hang, 6), "fault-poison": Part(fault_poison, 60),
 }
@@ -680,7 +710,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help=f"wall time for all parts (default {BUDGET_MIN['gpu']}; dry run {BUDGET_MIN['dry-run']})")
     ap.add_argument("--part", nargs="+", choices=list(PARTS), default=None, metavar="NAME",
-                    help=f"the parts to run, in order (default: {' '.join(DEFAULT)}); later: baseline, compile-8b")
+                    help=f"the parts to run, in order (default: {' '.join(DEFAULT)}); later: baseline, compile-8b, "
+                         f"quantized")
     ap.add_argument("--dry-run", action="store_true", help="every part on the CPU with stand-ins (no GPU needed)")
     ap.add_argument("--child", choices=list(PARTS), help=argparse.SUPPRESS)    # one part, in this process
     ap.add_argument("--rows", help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
 """Accuracy under every cache policy and backend, on the trained model, beside each one's speedup.
 
     python -m dllm.perf.quality [--model models/trained/arith-llada] [--n 240] [--backends eager compile]
-                                [--dtypes float32 bfloat16] [--repeats 3] [--pads 0 1 2 3] [--markdown]
+                                [--dtypes float32 bfloat16] [--quantize none int8 int4] [--repeats 3]
+                                [--pads 0 1 2 3] [--markdown]
 
 Generates the answers of --n held-out prompts (never seen in training: models.train_tiny.split) as one
 padded batch per configuration, scores exact match (the response up to the first end-of-text), and
@@ -13,12 +14,14 @@ changes the float summation order only, the way Inductor or a different CPU kern
 answer flips under that sits on a near-tie. The range column is the accuracy over those paddings and
 `flips` counts such prompts, so a cell that differs between backends or machines by one prompt shows up
 as a range, not as a contradiction. --dtypes runs every configuration in each dtype (bfloat16: the
-command line's default on CPUs with native bf16). --markdown prints the README table (one column group
+command line's default on CPUs with native bf16); --quantize runs them with each weight-only
+quantization (docs/quantization.md). --markdown prints the README table (one column group
 per backend and dtype).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +97,16 @@ class Cell:
         return f"{self.accuracy:.1%} ({self.low:.1%}–{self.high:.1%})".replace("%", " %")
 
 
-def measure(eng: Engine, examples, options: dict, repeats: int, pads) -> Cell:
-    """One configuration; its speedup is against NoCache timed right after it (same batch, same load)."""
+def measure(eng: Engine, examples, options: dict, repeats: int, pads, timed: bool = True) -> Cell:
+    """One configuration; its speedup is against NoCache timed right after it (same batch, same load).
+    timed=False: one untimed generation per padding (accuracy only; seconds and speedup are nan)."""
     policy, opts = configuration(options)
+    if not timed:
+        longest = max(len(eng.encode(p + "\n")) for p, _ in examples)
+        runs = [correct(eng, examples, policy, prompt_bucket=longest + pad, **opts) for pad in pads]
+        accs = [sum(r) / len(r) for r in runs]
+        return Cell(accs[0], min(accs), max(accs), sum(len(set(col)) > 1 for col in zip(*runs)),
+                    float("nan"), float("nan"), 0)
     acc, sec, steps = evaluate(eng, examples, policy, repeats, **opts)
     base = evaluate(eng, examples, configuration({})[0], repeats)[1] if options else sec
     longest = max(len(eng.encode(p + "\n")) for p, _ in examples)
@@ -107,9 +117,10 @@ def measure(eng: Engine, examples, options: dict, repeats: int, pads) -> Cell:
     return Cell(acc, min(accs), max(accs), flips, sec, base / sec, steps)
 
 
-def markdown(cells: dict, backends, n: int, repeats: int, pads, dtypes=("float32",)) -> str:
-    """backends: the column groups (a backend, or "backend dtype" with several dtypes)."""
+def markdown(cells: dict, backends, n: int, repeats: int, pads, dtypes=("float32",), quantize=("none",)) -> str:
+    """backends: the column groups (a backend, then the dtype and the quantization where several are run)."""
     dt = f" --dtypes {' '.join(dtypes)}" if list(dtypes) != ["float32"] else ""
+    dt += f" --quantize {' '.join(quantize)}" if list(quantize) != ["none"] else ""
     head = (f"`python -m dllm.perf.quality --backends {' '.join(dict.fromkeys(b.split()[0] for b in backends))}{dt} "
             f"--repeats {repeats} --pads "
             f"{' '.join(map(str, pads))} --markdown`: {n} held-out prompts never seen in training, exact match, one "
@@ -134,10 +145,15 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=240)
     ap.add_argument("--backends", nargs="+", default=["eager", "compile"])
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
+    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4", "int8+head", "int4+head"],
+                    default=["none"], help="weight-only quantization modes to run each configuration in (+head: "
+                    "the LM head quantized too)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pads", type=int, nargs="+", default=[0, 1, 2, 3],
                     help="extra left padding (columns) to measure accuracy at; 0 is the canonical run")
     ap.add_argument("--markdown", action="store_true", help="print the README table when done")
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="one untimed generation per configuration and padding (seconds, speedup, steps: nan / 0)")
     a = ap.parse_args(argv)
     examples = held_out(a.n)
     print(f"# {a.model}: {a.n} held-out prompts (never trained on), exact match, batch of {a.n}, "
@@ -146,18 +162,19 @@ def main(argv=None) -> None:
     print(f"{'configuration':<38} {'backend':<8} {'accuracy':>9} {'range':>15} {'flips':>5} {'seconds':>8} "
           f"{'speedup':>8} {'steps':>6}")
     cells, columns = {}, []
-    for backend in a.backends:
-        for dtype in a.dtypes:
-            col = backend if a.dtypes == ["float32"] else f"{backend} {dtype}"
-            columns.append(col)
-            eng = Engine.from_pretrained(a.model, backend=backend, dtype=dtype)
-            for label, options in CONFIGS:
-                c = cells[col, label] = measure(eng, examples, options, a.repeats, a.pads)
-                print(f"{label:<38} {col:<8} {c.accuracy:>9.1%} {f'{c.low:.1%}–{c.high:.1%}':>15} {c.flips:>5} "
-                      f"{c.seconds:>8.3f} {c.speedup:>7.2f}x {c.steps:>6}", flush=True)
+    for backend, dtype, quant in itertools.product(a.backends, a.dtypes, a.quantize):
+        col = " ".join([backend] + ([dtype] if a.dtypes != ["float32"] else [])
+                       + ([quant] if a.quantize != ["none"] else []))
+        columns.append(col)
+        eng = Engine.from_pretrained(a.model, backend=backend, dtype=dtype, quantize=quant.split("+")[0],
+                                     quantize_head=quant.endswith("+head"))
+        for label, options in CONFIGS:
+            c = cells[col, label] = measure(eng, examples, options, a.repeats, a.pads, not a.accuracy_only)
+            print(f"{label:<38} {col:<8} {c.accuracy:>9.1%} {f'{c.low:.1%}–{c.high:.1%}':>15} {c.flips:>5} "
+                  f"{c.seconds:>8.3f} {c.speedup:>7.2f}x {c.steps:>6}", flush=True)
     if a.markdown:
         print()
-        print(markdown(cells, columns, a.n, a.repeats, a.pads, a.dtypes))
+        print(markdown(cells, columns, a.n, a.repeats, a.pads, a.dtypes, a.quantize))
 
 
 if __name__ == "__main__":

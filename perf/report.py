@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dllm.graphs import available
+from dllm.models.quant import Quantization
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache
 from dllm.runtime.decoding import DecodeConfig
@@ -108,11 +109,36 @@ def family_section(family: str, a, device: torch.device) -> list[str]:
             ", ".join(f"{n} {prep_s[n]:.0f}" for n in names) + f"). Floor = max(GFLOP / matmul peak, bytes / "
             f"bandwidth) with {peaks.describe()} (`perf.roofline`); of floor = floor / the fastest backend's time:",
             "", "| policy | step kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)] + table
+    for mode in a.quantize:
+        a.progress(f"{family}: step kinds with {mode} weights (eager) ...")
+        out += quantized_section(family, a, device, dtype, eng, mode, shape, prompt, peaks)
     if device.type == "cuda":
         cache = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, DllmCache(kp=100, kr=7, rho=0.25)).cache
         floor = weight_floor(eng.weights, device, cache)
         out += ["", floor.describe()[0].upper() + floor.describe()[1:] + "."]
     return out + [""]
+
+
+def quantized_section(family: str, a, device, dtype, eng, mode: str, shape, prompt, peaks) -> list[str]:
+    """Every step kind (eager) with weight-only `mode` weights beside the dense ones in the same dtype:
+    ms, ratio, MB moved and the roofline floor of the quantized bytes (perf.roofline)."""
+    qeng = preset_engine(family, a.preset, device=device, dtype=dtype, quantize=mode)
+    cfg, quant, name = eng.cfg, Quantization(mode), str(dtype).replace("torch.", "")
+    rows = []
+    for spec in a.kind_policies:
+        policy = parse_spec(spec)["policy"]
+        base, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, ["eager"], a.iters)
+        res, _ = backend_times(cfg, qeng.weights, device, dtype, shape, policy, prompt, ["eager"], a.iters)
+        kmax = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).state.kmax
+        dense = {r["kind"]: r for r in roofline_rows(cfg, shape, kmax, policy, dtype, base["eager"], peaks)}
+        for r in roofline_rows(cfg, shape, kmax, policy, dtype, res["eager"], peaks, quant):
+            d = dense[r["kind"]]
+            rows.append(f"| {spec} | {r['kind']} | {d['ms']:.2f} | {r['ms']:.2f} | {d['ms'] / r['ms']:.2f}× | "
+                        f"{d['mb']:.0f} | {r['mb']:.0f} | {r['floor_ms']:.2f} ({r['bound']}) | {r['fraction']:.0%} |")
+    return ["", f"Weight-only {mode} (activations {name}, eager, median of {a.iters}): each kind against {name} "
+            f"weights and against the floor of its quantized bytes:", "",
+            f"| policy | step kind | {name} ms | {mode} ms | speedup | {name} MB | {mode} MB | {mode} floor ms | "
+            f"of floor |", "|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def report(a) -> str:
@@ -153,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-dtype", choices=[*DTYPES, "none"], default="float32",
                     help="also time every policy and step kind (eager) in this dtype (skipped when it is --dtype)")
     ap.add_argument("--backends", nargs="*", default=None)
+    ap.add_argument("--quantize", nargs="*", choices=["int8", "int4"], default=[],
+                    help="also time every step kind (eager) with these weight-only quantizations")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,7 @@ import torch
 
 from dllm.models.config import ModelConfig
 from dllm.models.parallel import Shard
+from dllm.models.quant import Quantization
 from dllm.runtime.policy.base import LayerWork, Policy
 from dllm.runtime.state import RequestShape
 
@@ -48,28 +49,51 @@ class Cost:
     collectives: int = 0    # tensor parallel: collectives per step
 
 
-def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int) -> Cost:
-    """One layer for one batch row: FLOPs of its matmuls and the bytes of its weights and cache."""
+def matrix_bytes(N: int, K: int, elt: int, mode: str = "none", group: int = 128) -> float:
+    """Bytes of an N x K weight matrix as stored: dense (elt each), int8 (1 byte + one scale per row) or
+    int4 (half a byte + a (scale, zero) pair per group of `group`): models/quant.py's layouts."""
+    if mode == "int8":
+        return N * K + N * elt
+    if mode == "int4":
+        return N * K / 2 + 2 * N * (K // group) * elt
+    return N * K * elt
+
+
+def layer_cost(cfg: ModelConfig, L: int, lw: LayerWork, elt: int, quant: Quantization | None = None) -> Cost:
+    """One layer for one batch row: FLOPs of its matmuls and the bytes of its weights and cache. quant:
+    the matrices' bytes as quantized (int4 cannot slice its packed rows: a projection of only Q|K or only
+    V reads the whole fused matrix, models/quant.linear)."""
     d, F, qw, kw = cfg.d_model, cfg.mlp_hidden, cfg.q_width, cfg.kv_width
     r, v = lw.rows, lw.v_rows
     flops = 2 * r * d * (qw + kw) + 2 * v * d * kw                  # Q, K of the rows; V of the v rows
     flops += 4 * r * L * qw + (2 * r * L * qw if lw.probs else 0)   # scores and weighted values (+ probabilities)
     flops += 2 * r * qw * d + 6 * r * d * F                         # output projection, SwiGLU FFN
-    weights = ((qw + kw) * d + qw * d + 3 * d * F if r else 0) + (kw * d if v else 0)
     cache = (2 * L * kw if r else 0) + 2 * r * kw + v * kw + 2 * r * d   # read K/V; write the rows' K, V, A, M
-    return Cost(flops, (weights + cache) * elt, cache * elt)
+    mode = quant.mode if quant is not None else "none"
+
+    def mb(field, N, K):
+        return matrix_bytes(N, K, elt, mode, quant.group_for(field, K) if mode == "int4" else 128)
+    if mode == "int4":
+        qkv = mb("wqkv", qw + 2 * kw, d) * ((1 if r else 0) + (1 if v and v != r else 0))
+        weights = qkv + ((mb("wo", d, qw) + mb("w_gate_up", 2 * F, d) + mb("w_down", d, F)) if r else 0)
+    else:
+        weights = ((mb("wqkv", qw + kw, d) + mb("wo", d, qw) + mb("w_gate_up", 2 * F, d) + mb("w_down", d, F))
+                   if r else 0) + (mb("wqkv", kw, d) if v else 0)
+    return Cost(flops, weights + cache * elt, cache * elt)
 
 
 def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, kind: str,
-              dtype: torch.dtype, tp: int = 1) -> Cost:
-    """The FLOPs and bytes of one step of `kind` (all batch rows); tp > 1: those of one tensor-parallel
-    rank, with the bytes it sends to the others and its number of collectives."""
+              dtype: torch.dtype, quant: Quantization | None = None, tp: int = 1) -> Cost:
+    """The FLOPs and bytes of one step of `kind` (all batch rows); quant: weight-only quantized matrices;
+    tp > 1: those of one tensor-parallel rank, with the bytes it sends to the others and its collectives."""
     elt = torch.empty(0, dtype=dtype).element_size()
     L, B, Bl, d = shape.length, shape.batch, shape.block_length, cfg.d_model
     work = policy.work(cfg, shape, kmax, kind)
-    layers = [layer_cost(Shard(0, tp).local(cfg), L, lw, elt) for lw in work]
+    layers = [layer_cost(Shard(0, tp).local(cfg), L, lw, elt, quant) for lw in work]
     V = cfg.vocab_size // tp
-    head_flops, head_bytes = 2 * Bl * d * V, d * V * elt
+    head_mode = quant.mode if quant is not None and "head" in quant.fields(cfg) else "none"
+    head_flops = 2 * Bl * d * V
+    head_bytes = matrix_bytes(V, d, elt, head_mode, quant.group_for("head", d) if head_mode == "int4" else 128)
     weight_bytes = sum(c.bytes - c.cache for c in layers)      # read once per step whatever the batch
     cache_bytes = B * sum(c.cache for c in layers)             # every batch row's own keys, values, deltas
     link, collectives = 0.0, 0
@@ -105,7 +129,7 @@ def tp_prediction(flops: float, bandwidth: float, link: float, tps=(1, 2, 4, 8),
     from dllm.runtime import make_policy
     cfg = parse_config(tiny_config("llada", SHAPE_PRESETS["llada-8b-shape"]))
     shape = RequestShape(batch, 512, 256, 32, 256)
-    return {(name, kind): [predicted_seconds(kind_cost(cfg, shape, 8, make_policy(name), kind, torch.bfloat16, n),
+    return {(name, kind): [predicted_seconds(kind_cost(cfg, shape, 8, make_policy(name), kind, torch.bfloat16, tp=n),
                                              flops, bandwidth, link) for n in tps]
             for name, kind in TP_KINDS}
 
@@ -173,13 +197,13 @@ def measure_peaks(device, dtype: torch.dtype, cfg: ModelConfig | None = None, ro
 
 
 def roofline_rows(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, dtype: torch.dtype,
-                  times: dict[str, float], peaks: Peaks) -> list[dict]:
+                  times: dict[str, float], peaks: Peaks, quant: Quantization | None = None) -> list[dict]:
     """One row per step kind of `policy` timed in `times` (seconds): its cost, floor and achieved fraction."""
     rows = []
     for kind in policy.kinds:
         if kind not in times:
             continue
-        cost = kind_cost(cfg, shape, kmax, policy, kind, dtype)
+        cost = kind_cost(cfg, shape, kmax, policy, kind, dtype, quant)
         floor, bound = peaks.floor(cost)
         rows.append(dict(policy=policy.name, kind=kind, ms=times[kind] * 1e3, gflop=cost.flops / 1e9,
                          mb=cost.bytes / 1e6, floor_ms=floor * 1e3, bound=bound, fraction=floor / times[kind]))
@@ -216,6 +240,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--tp-table", action="store_true", help="print the tensor-parallel prediction for LLaDA-8B on "
                     "H100 / H200 (nominal peaks, no measurement) and exit")
+    ap.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                    help="weight-only quantization (bytes counted as stored)")
     a = ap.parse_args(argv)
     if a.tp_table:
         print(f"# LLaDA-8B bf16, batch 1, P=512 G=256 block 32: floor per step per rank = max(FLOPs / peak, bytes / "
@@ -223,21 +249,23 @@ def main(argv=None) -> None:
         print("\n".join(tp_table()))
         return
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
-    eng = preset_engine(a.family, a.preset, device=device, dtype=dtype)
+    quant = Quantization(a.quantize)
+    eng = preset_engine(a.family, a.preset, device=device, dtype=dtype, quantize=a.quantize)
     cfg = eng.cfg
     block = a.block_length
     shape = RequestShape(1, a.prompt_len, a.gen_length, block, a.gen_length)
     prompt = random_prompt(cfg, a.prompt_len)
     peaks = measure_peaks(device, dtype, cfg, shape.length)
     print(f"# {cfg.family} preset={a.preset} (layers {cfg.n_layers}, d {cfg.d_model}, vocab {cfg.vocab_size}) "
-          f"P={a.prompt_len} G={a.gen_length} block={block} backend={a.backend} threads={torch.get_num_threads()}")
+          f"P={a.prompt_len} G={a.gen_length} block={block} backend={a.backend} threads={torch.get_num_threads()} "
+          f"quantize={a.quantize}")
     print(f"# {peaks.describe()}")
     rows = []
     for name in a.policies:
         policy = make_policy(name)
         times, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, [a.backend], a.iters)
         kmax = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).state.kmax
-        rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks)
+        rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks, quant)
     print("\n".join(markdown(rows)))
 
 

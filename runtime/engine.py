@@ -20,10 +20,11 @@ import torch
 from dllm.graphs import backends
 from dllm.graphs.capture import GraphPool
 from dllm.models import parallel
-from dllm.models.checkpoint import Weights, load_weights
+from dllm.models.checkpoint import Weights, load_weights, rank_shapes
 from dllm.models.config import ModelConfig, load_config
 from dllm.models.hub import resolve_model
 from dllm.models.memory import available_bytes
+from dllm.models.quant import Quantization, weight_mode
 
 from . import scheduler
 from .decoding import DecodeConfig, DecodeStructure, check_shape
@@ -158,21 +159,30 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, folder, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
-                        check: list[Request] = (), tp: int = 1, **engine_options):
+                        check: list[Request] = (), tp: int = 1, quantize: str = "none",
+                        quantize_group: int | None = None, quantize_head: bool = False, **engine_options):
         """Load a checkpoint folder or a Hugging Face hub id (org/name: the local cache first);
         engine_options are Engine's (backend, buckets, policies, ...). dtype: float32 (the default here:
         exact reference tokens), bfloat16, float16, or "auto" (bfloat16 where the device computes it
         natively, else float32: the command line's default). check: requests to validate against the
         folder's config, generation defaults and tokenizer before a weight is read (RequestError).
         tp: tensor-parallel ranks (one process each, launched by torchrun; docs/parallel.md): this process
-        loads and computes only its rank's heads, FFN columns and vocabulary rows."""
+        loads and computes only its rank's heads, FFN columns and vocabulary rows.
+        quantize: none | int8 | int4, weight-only (docs/quantization.md); quantize_group: int4's group size
+        (default 128, smaller where a width needs it); quantize_head: quantize the LM head too. A folder
+        written by `dllm quantize` loads quantized as it was written."""
         if not isinstance(folder, (str, Path)):
             raise RequestError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        quant = Quantization(quantize, None if quantize_group is None else int(quantize_group), bool(quantize_head))
         folder = resolve_model(folder)
         cfg = load_config(folder)
         parallel.check_launch(tp, cfg)
+        quant.check(rank_shapes(cfg, parallel.Shard(0, tp)))       # the widths this rank's matrices have
+        if quant.on and torch.device(device).type == "cpu" and dtype == torch.float32:
+            log.warning("--quantize %s with float32 activations runs PyTorch's generic CPU kernel, tens of times "
+                        "slower than float32 itself; use bfloat16 (--dtype auto / bfloat16)", quant.mode)
         defaults = GenerationDefaults.read(folder)
         text = Text(cfg, folder, trust_remote_code)
         for r in check:
@@ -182,10 +192,12 @@ class Engine:
         log.info("loading weights from %s (%s, %d layers, d %d) to %s %s%s", folder, cfg.family, cfg.n_layers,
                  cfg.d_model, device, str(dtype).replace("torch.", ""),
                  f", tensor-parallel rank {shard.rank} of {shard.world}" if shard.parallel else "")
-        weights = load_weights(folder, cfg, dtype=dtype, device=device, shard=shard)
+        weights = load_weights(folder, cfg, dtype=dtype, device=device, quant=quant, shard=shard)
         nbytes = sum(t.numel() * t.element_size() for t in weights.tensors().values())
         size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-        log.info("loaded %s of weights in %.1f s", size, time.perf_counter() - t0)
+        mode = weight_mode(weights)
+        log.info("loaded %s of weights%s in %.1f s", size, f" ({mode})" if mode != "none" else "",
+                 time.perf_counter() - t0)
         return cls(cfg, weights, folder=folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                    defaults=defaults, **engine_options)
 

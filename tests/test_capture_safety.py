@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllm.models.checkpoint import Weights
 from dllm.models.config import parse_config
+from dllm.models.quant import Quantization, device_shapes
 from dllm.models.tiny import SHAPE_PRESETS, tiny_config
 from dllm.runtime import POLICIES, Engine, NoCache
 from dllm.runtime.decoding import DecodeConfig
@@ -48,9 +49,12 @@ def _label(dkw: dict) -> str:
 
 # ---------------------------------------------------------------- real shapes on meta tensors
 
-def meta_model(family: str, n_layers: int | None = None, dtype=torch.bfloat16):
+def meta_model(family: str, n_layers: int | None = None, dtype=torch.bfloat16, quant: Quantization | None = None,
+               packed_for: str = "cpu"):
     """(ModelConfig, Weights) of the real-dimension preset, every weight an empty meta tensor; n_layers
-    (default: the real count) shortens the stack only: every layer runs the same code."""
+    (default: the real count) shortens the stack only: every layer runs the same code. quant: the
+    quantized matrices as `load_weights` lays them out for a `packed_for` device (cpu | cuda: int4 packs
+    differently), on meta."""
     preset = SHAPE_PRESETS[PRESET[family]]
     if n_layers is not None:
         preset = dataclasses.replace(preset, n_layers=n_layers)
@@ -59,10 +63,14 @@ def meta_model(family: str, n_layers: int | None = None, dtype=torch.bfloat16):
 
     def empty(*shape):
         return torch.empty(shape, device="meta", dtype=dtype)
-    return cfg, Weights(embed=empty(V, d), attn_norm=empty(nL, d), wqkv=empty(nL, q + 2 * kv, d),
-                        bqkv=empty(nL, q + 2 * kv) if cfg.qkv_bias else None, wo=empty(nL, d, q),
-                        ffn_norm=empty(nL, d), w_gate_up=empty(nL, 2 * F, d), w_down=empty(nL, d, F),
-                        final_norm=empty(d), head=empty(V, d))
+    w = Weights(embed=empty(V, d), attn_norm=empty(nL, d), wqkv=empty(nL, q + 2 * kv, d),
+                bqkv=empty(nL, q + 2 * kv) if cfg.qkv_bias else None, wo=empty(nL, d, q),
+                ffn_norm=empty(nL, d), w_gate_up=empty(nL, 2 * F, d), w_down=empty(nL, d, F),
+                final_norm=empty(d), head=empty(V, d))
+    if quant is not None:
+        w = dataclasses.replace(w, **{k: torch.empty(s, device="meta", dtype=dt)
+                                      for k, (s, dt) in device_shapes(cfg, quant, packed_for, dtype).items()})
+    return cfg, w
 
 
 def meta_state(cfg, shape: RequestShape, dc: DecodeConfig) -> StepState:
@@ -79,7 +87,7 @@ def meta_prepared(w, cfg, shape: RequestShape, dc: DecodeConfig, policy) -> Prep
     """Prepared.allocate(..., device="meta", dtype=bf16), step by step, with the state from meta_state."""
     policy.check(cfg, dc.structure)
     st = meta_state(cfg, shape, dc)
-    cache = Cache.allocate(cfg, shape, "meta", w.wqkv.dtype) if policy.uses_cache else None
+    cache = Cache.allocate(cfg, shape, "meta", w.embed.dtype) if policy.uses_cache else None
     scratch = policy.scratch(cfg, shape, st, "meta")
     return Prepared(shape, dc.structure, policy, st, cache, scratch, policy.bodies(w, cfg, st, cache, scratch))
 
@@ -181,6 +189,46 @@ def test_every_step_kind_is_capture_safe_at_real_shape(meta_models, family, poli
             ran.append(f"{_label(dkw)}/{kind}/{cfg.n_layers} layers:{watch.ops} ops")
     record_property("watched", "; ".join(ran))
     assert len(ran) >= len(policy.kinds) * (len(DECODING[family]) - 1)
+
+
+# Quantized weights (models/quant.py): int8, and int4 as packed for the CPU kernel. The CUDA packing cannot be
+# checked off a GPU: torch 2.13's meta kernel of aten._weight_int4pack_mm reads `w.fake_device`, an attribute
+# no meta tensor has (AttributeError, eager and under Dynamo alike); the `cuda` tests in test_quant.py run it.
+QUANTIZED = [("int8", "cpu"), ("int4", "cpu")]
+
+
+@pytest.mark.parametrize("family", list(PRESET))
+@pytest.mark.parametrize("mode,packed_for", QUANTIZED)
+def test_quantized_step_kinds_are_capture_safe_at_real_shape(family, mode, packed_for, record_property):
+    """Every kind of every policy with quantized weights (the head too: every matmul of the step runs a
+    quantized kernel) at the real shape in bf16 on meta, greedy, under the watcher: the quantized matmuls
+    create nothing on the host and read no value. All layers for int8, the real widths in 2 layers for int4."""
+    quant = Quantization(mode, head=True)
+    cfg, w = meta_model(family, None if mode == "int8" else SHORT, quant=quant, packed_for=packed_for)
+    dc, ran = DecodeConfig.make(family), []
+    for policy_cls in POLICIES.values():
+        prep = meta_prepared(w, cfg, REAL_SHAPE, dc, policy_cls())
+        for kind in prep.policy.kinds:
+            with torch.inference_mode(), StepWatch() as watch:
+                prep.bodies[kind]()
+            ran.append(f"{prep.policy.name}/{kind}:{watch.ops} ops")
+    record_property("watched", "; ".join(ran))
+    assert len(ran) == sum(len(p.kinds) for p in POLICIES.values())
+
+
+@pytest.mark.parametrize("mode,packed_for", QUANTIZED)
+def test_quantized_step_kinds_compile_as_one_graph_at_real_shape(mode, packed_for):
+    """torch.compile(fullgraph=True) traces every kind of every policy with quantized weights (LLaDA's
+    real widths, 2 layers, greedy): PyTorch's weight-only matmul ops are no graph break."""
+    cfg, w = meta_model("llada", SHORT, quant=Quantization(mode, head=True), packed_for=packed_for)
+    dc = DecodeConfig.make("llada")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1 << 12):
+        for policy_cls in POLICIES.values():
+            prep = meta_prepared(w, cfg, REAL_SHAPE, dc, policy_cls())
+            for body in prep.bodies.values():
+                torch.compile(body, fullgraph=True, dynamic=False, backend=_trace_only)()
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- fullgraph compile at real shapes on meta

@@ -338,3 +338,43 @@ def test_cpp_runner_refuses_arguments_it_does_not_use(runner, pristine):
         res = subprocess.run([str(runner), str(pristine["torchscript"]), "5,9,33", *extra], capture_output=True,
                              text=True)
         assert res.returncode == 2 and res.stderr.startswith("dllm_run: error: "), (extra, res.stderr)
+
+
+# ---------------------------------------------------------------- quantized weights (models/quant.py)
+# int8 / int4 weights are int8 / uint8 tensors in the same Weights: TorchScript holds them as buffers and
+# AOTI takes them as inputs; PyTorch's weight-only ops are in libtorch, so the C++ runner runs them as is.
+
+QUANT_POLICIES = [NoCache(), DllmCache(kp=5, kr=3, rho=0.25)]
+
+
+@pytest.fixture(scope="module")
+def quant_packages(tiny_dirs, tmp_path_factory):
+    from dllm.runtime import Engine
+    root = tmp_path_factory.mktemp("qpkg")
+    out = {}
+    for mode in ("int8", "int4"):
+        eng = Engine.from_pretrained(tiny_dirs["llada"], quantize=mode, backend="eager")
+        for p in QUANT_POLICIES:
+            out[(mode, "torchscript", p.name)] = (eng, ex.export(eng, root / f"{mode}-{p.name}", policy=p, **SHAPE)
+                                                  and root / f"{mode}-{p.name}")
+        out[(mode, "aoti", "none")] = (eng, ex.export(eng, root / f"{mode}-aoti", policy=NoCache(), fmt="aoti",
+                                                      **SHAPE) and root / f"{mode}-aoti")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("fmt,policy", [("torchscript", p) for p in QUANT_POLICIES] + [("aoti", NoCache())],
+                         ids=lambda x: getattr(x, "name", x))
+def test_quantized_package_round_trip(runner, quant_packages, mode, fmt, policy):
+    """A quantized engine's package gives its tokens from Python and from the C++ runner."""
+    eng, pkg = quant_packages[(mode, fmt, policy.name)]
+    plan = json.loads((pkg / "plan.json").read_text())
+    if fmt == "aoti":
+        assert {d for _, d, _ in plan["weights"]} >= {"int8" if mode == "int8" else "uint8"}
+    mod, plan = ex.load(pkg)
+    for prompt in PROMPTS:
+        want = eng.generate(prompt, policy=policy, **SHAPE).tokens[0]
+        assert ex.run(mod, plan, prompt) == want
+        res = subprocess.run([str(runner), str(pkg), ",".join(map(str, prompt))], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert [int(t) for t in res.stdout.strip().split(",")] == want

@@ -185,3 +185,16 @@ def test_the_runner_cmake_gets_the_toolkit_root_behind_an_nvcc_wrapper_and_the_w
     assert not any("nvrtc" in f for f in build.cuda_cmake_flags(tmp_path / "site"))
     monkeypatch.setenv("CUDA_HOME", str(root))                           # an explicit root wins
     assert build.cuda_root() == root
+
+
+def test_dry_run_of_the_quantized_part(tmp_path):
+    """`--part quantized` (not in the default run): every step kind with bf16, int8 and int4 weights, each
+    row tagged with its mode and timed against the floor of its own weight bytes (smaller when quantized)."""
+    res, results, _ = dry_run(tmp_path, "--part", "quantized")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert [p["status"] for p in results["parts"]] == ["PASS"]
+    rows = [r for r in results["rows"] if r["table"] == "latency"]
+    modes = Counter(r.get("quantize", "none") for r in rows)
+    assert set(modes) == {"none", "int8", "int4"} and len(set(modes.values())) == 1 and "error" not in str(rows)
+    weight = {r.get("quantize", "none"): r["weight_gb"] for r in results["rows"] if r["table"] == "peaks"}
+    assert weight["int4"] < weight["int8"] < weight["none"]

@@ -136,3 +136,31 @@ def test_serve_load_prints_the_throughput_table(capsys):
     out = capsys.readouterr().out
     assert "every answer equal to the same request run alone: yes" in out
     assert "| 2 | 1 |" in out and "| 2 | 2 |" in out and "H200" in out
+
+
+def test_quant_prints_memory_agreement_every_kind_and_e2e(capsys):
+    """perf.quant on the tiny preset: a memory row per mode (quantized smaller than bf16, fp32 twice it),
+    agreement per policy (fp32 against bf16 is a float rounding question; dLLM-Cache refreshing every
+    step has NoCache's tokens in every mode, so its agreement equals NoCache's), every kind of every
+    policy timed in every mode, and an end-to-end row per policy."""
+    from dllm.perf import quant
+    quant.main(["--preset", "tiny", "--prompt-len", "12", "--gen-length", "16", "--block-length", "8", "--iters", "1",
+                "--repeats", "1", "--policies", "none", "dllm-cache:kp=1,kr=1,rho=0.25", "dual-cache", "--head"])
+    out = capsys.readouterr().out
+    mem = {line.split("|")[1].strip(): float(line.split("|")[3].strip()[:-1]) for line in out.splitlines()
+           if line.startswith("| ") and line.count("|") == 4 and "×" in line}
+    assert mem["fp32"] == 2.0 and mem["bf16"] == 1.0 and mem["int4+head"] < mem["int4"] < mem["int8"] < 1.0
+    agree = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.split("Greedy tokens")[1]
+             .split("Every step kind")[0].splitlines() if line.startswith("| ") and "%" in line}
+    assert agree["none"] == agree["dllm-cache:kp=1,kr=1,rho=0.25"]
+    kinds = out.split("Every step kind")[1].split("End to end")[0]
+    for kind in ("| none | full |", "| dual-cache | block |", "| dllm-cache:kp=1,kr=1,rho=0.25 | verify |"):
+        assert kind in kinds
+    assert out.split("End to end")[1].count("\n| ") == 3 + 1               # header + 3 policies
+
+
+def test_quant_kernels_table(capsys):
+    from dllm.perf import quant
+    quant.main(["--preset", "tiny", "--kernels"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 16 ", "| 320 "))]
+    assert len(rows) == 4 and all(len(r.split("|")) == 7 for r in rows)

@@ -89,7 +89,7 @@ def test_tensor_parallel_cost_per_rank(engines):
     cfg = engines["llada"].cfg                                 # d 64, q width 64, MHA (kv width 64)
     shape = RequestShape(1, 24, 16, 8, 16)
     pol = POLICIES["none"]()
-    one, two = (kind_cost(cfg, shape, 1, pol, "full", torch.float32, tp) for tp in (1, 2))
+    one, two = (kind_cost(cfg, shape, 1, pol, "full", torch.float32, tp=tp) for tp in (1, 2))
     assert two.flops == one.flops / 2
     L, d, nL = shape.length, cfg.d_model, cfg.n_layers
     deltas = nL * 2 * L * d * 4                                # A and M rows written, whole on every rank

@@ -12,7 +12,8 @@ from dllm.runtime import RequestError
 FORMATS = ("torchscript", "aoti")
 MANIFEST = "manifest.txt"
 DTYPES = {"int64": torch.int64, "float32": torch.float32, "bool": torch.bool, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "float64": torch.float64}
+          "float16": torch.float16, "float64": torch.float64,
+          "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32}     # the last three: quantized weights
 
 
 class PackageError(RequestError):

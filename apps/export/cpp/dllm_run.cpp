@@ -339,7 +339,8 @@ void check_manifest(const fs::path& pkg) {
 
 const std::map<std::string, at::ScalarType> kDtypes = {
     {"int64", at::kLong},       {"float32", at::kFloat}, {"bool", at::kBool},
-    {"bfloat16", at::kBFloat16}, {"float16", at::kHalf},  {"float64", at::kDouble}};
+    {"bfloat16", at::kBFloat16}, {"float16", at::kHalf},  {"float64", at::kDouble},
+    {"int8", at::kChar},         {"uint8", at::kByte},    {"int32", at::kInt}};  // quantized weights
 
 struct Plan {
   std::string format, device;
@@ -496,7 +497,8 @@ struct ScriptPackage : Package {
 // data_offsets}}, then the raw bytes. Every weight the plan lists, with the plan's dtype and shape.
 std::vector<at::Tensor> load_weights(const fs::path& path, const Plan& plan, at::Device dev) {
   static const std::map<std::string, at::ScalarType> st_dtypes = {
-      {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"F64", at::kDouble}};
+      {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"F64", at::kDouble},
+      {"I8", at::kChar},   {"U8", at::kByte},  {"I32", at::kInt}};
   std::ifstream f(path, std::ios::binary);
   if (!f) fail("cannot read " + path.string());
   const auto file_size = static_cast<uint64_t>(fs::file_size(path));
