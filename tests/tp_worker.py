@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 tests/tp_worker.py RUNS.json OUT_DIR
 
 RUNS.json: [{"folder", "policy" (a policy spec), "prompts" (id lists), "options" (generate keywords),
-"backend", "device"}] or [{"folder", "forward" (one id list)}]. Each rank writes OUT_DIR/rank<r>.json: per run, in
+"backend", "device", "quantize" (from_pretrained's quantize keywords)}] or [{"folder", "forward" (one id list)}]. Each rank writes OUT_DIR/rank<r>.json: per run, in
 order, the tokens, or the whole-canvas logits of models.layers.forward."""
 import json
 import os
@@ -22,10 +22,11 @@ def main(runs_path: str, out_dir: str) -> None:
     tp = int(os.environ["WORLD_SIZE"])
     runs, engines, out = json.loads(Path(runs_path).read_text()), {}, []
     for run in runs:
-        key = (run["folder"], run.get("backend", "eager"), run.get("device", "cpu"))
+        quant = run.get("quantize", {})
+        key = (run["folder"], run.get("backend", "eager"), run.get("device", "cpu"), json.dumps(quant))
         if key not in engines:
             engines[key] = Engine.from_pretrained(run["folder"], backend=key[1], device=key[2], tp=tp,
-                                                  keep_faster=False)
+                                                  keep_faster=False, **quant)
         eng = engines[key]
         if "forward" in run:
             with torch.inference_mode():
