@@ -4,7 +4,8 @@
 
 The model: a policy says per layer how many rows each step kind recomputes (Policy.work). From that,
 a kind's FLOPs are its matmuls (Q/K/V/output projections, the FFN, attention over all L keys, the
-head over the current block's rows, d2Cache's attention probabilities), and its bytes are what it
+head over the rows the policy decodes (Policy.head_rows: the current block, or d2Cache's certainty
+window), d2Cache's attention probabilities), and its bytes are what it
 must move at least once: the weights of every layer it touches and the head, the cached keys and
 values it attends over, and the cache rows it writes. Norms, RoPE and other elementwise work are not
 counted (they are O(rows x d), a few percent of the FLOPs). The floor of a kind is the roofline
@@ -48,9 +49,9 @@ def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, 
               dtype: torch.dtype) -> Cost:
     """The FLOPs and bytes of one step of `kind` (all batch rows)."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    L, B, Bl = shape.length, shape.batch, shape.block_length
+    L, B, R = shape.length, shape.batch, policy.head_rows(shape, kind)
     layers = [layer_cost(cfg, L, lw, elt) for lw in policy.work(cfg, shape, kmax, kind)]
-    head_flops, head_bytes = 2 * Bl * cfg.d_model * cfg.vocab_size, cfg.d_model * cfg.vocab_size * elt
+    head_flops, head_bytes = 2 * R * cfg.d_model * cfg.vocab_size, cfg.d_model * cfg.vocab_size * elt
     weight_bytes = sum(c.bytes - c.cache for c in layers)      # read once per step whatever the batch
     cache_bytes = B * sum(c.cache for c in layers)             # every batch row's own keys, values, deltas
     return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + cache_bytes + head_bytes,

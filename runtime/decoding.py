@@ -8,7 +8,7 @@ count in the schedule (a static shape), k is read from the schedule tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -268,6 +268,14 @@ def choose(s: DecodeStructure, logits: torch.Tensor, noise: torch.Tensor | None,
     which paths exist."""
     cdtype = torch.float64 if s.confidence_dtype == "float64" else (raw if raw is not None else logits).dtype
     return FAMILY_DECODING[s.family].choose(s, logits, noise, unif, raw, values, cdtype)
+
+
+def top_p0(s: DecodeStructure, logits: torch.Tensor, raw: torch.Tensor | None, values) -> torch.Tensor:
+    """p(x0) [B, R] of each row's most likely token, as `choose` computes it at temperature 0 with the
+    request's filters and confidence dtype: the certainty of rows a step does not commit from (d2Cache's
+    rows outside the block; the reference keeps the p of a token it drew and discarded there)."""
+    greedy = replace(s, sampled=False, remasking=s.remasking and "low_confidence", alg=s.alg and "maskgit_plus")
+    return choose(greedy, logits, None, None, raw, values)[2]
 
 
 @dataclass(frozen=True)
