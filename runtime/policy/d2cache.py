@@ -166,7 +166,10 @@ def d2_select(cfg: ModelConfig, st: StepState, d2: D2Buffers, attn_p: float | No
     s1_valid = top1.values > float("-inf")
     shift = 1 if cfg.shift_logits else 0                             # Dream: row j-1 decodes position j
     s1_rows = P + top1.indices - shift
-    chosen = row_mask(torch.cat([s1_rows, st.commit_pos], 1), torch.cat([s1_valid, st.commit_valid], 1), L)
+    picked = s1_valid
+    if attn_p is not None and shift:    # the reference ORs the last prompt row in after its nucleus, so
+        picked = s1_valid & (top1.indices > 0)   # there that row (stage 1's pick of position 0) is a candidate
+    chosen = row_mask(torch.cat([s1_rows, st.commit_pos], 1), torch.cat([picked, st.commit_valid], 1), L)
     imp = torch.where(chosen, torch.full_like(d2.importance, float("-inf")), d2.importance)
     top2 = imp.topk(d2.s2, dim=1)
     s2_valid = top2.values > float("-inf")
