@@ -203,10 +203,11 @@ def dream_reveal_probs(steps_per_block: int, eps: float = 1e-3) -> list[float]:
     return [float(1 - ts[i + 1] / ts[i]) if i < steps_per_block - 1 else 1.0 for i in range(steps_per_block)]
 
 
-def commit_counts(s: DecodeStructure, gen_length: int, block_length: int, steps: int) -> list[int]:
+def commit_counts(s: "DecodeStructure | DecodeConfig", gen_length: int, block_length: int, steps: int) -> list[int]:
     """Tokens committed at each of the request's steps (over all blocks)."""
     spb = check_shape(gen_length, block_length, steps)
-    return SCHEDULE_COUNTS[s.schedule](block_length, spb, s.eps) * (gen_length // block_length)
+    schedule = s.schedule or FAMILY_DECODING[s.family].schedule      # a DecodeConfig may leave it to the family
+    return SCHEDULE_COUNTS[schedule](block_length, spb, s.eps) * (gen_length // block_length)
 
 
 # ---------------------------------------------------------------- token choice (device, inside a step)
