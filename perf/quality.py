@@ -41,6 +41,7 @@ CONFIGS = [  # (label, options as `dllm generate` / `dllm eval` model arguments,
     ("dllm-cache kp 8 kr 8 rho 0", {"policy": "dllm-cache", "kp": 8, "kr": 8, "rho": 0.0}),
     ("d2cache k 4 attn 4", {"policy": "d2cache", "k": 4, "attn_budget": 4}),
     ("d2cache k 4 attn 4, quasi-l2r", {"policy": "d2cache", "k": 4, "attn_budget": 4, "quasi_l2r": True}),
+    ("d2cache k 4 attn 4, block 4", {"policy": "d2cache", "k": 4, "attn_budget": 4, "block_length": 4}),
     ("dual-cache, block 4", {"policy": "dual-cache", "block_length": 4}),
     ("dual-cache, block 4, threshold 0.9", {"policy": "dual-cache", "block_length": 4, "threshold": 0.9}),
 ]

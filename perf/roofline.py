@@ -4,7 +4,8 @@
 
 The model: a policy says per layer how many rows each step kind recomputes (Policy.work). From that,
 a kind's FLOPs are its matmuls (Q/K/V/output projections, the FFN, attention over all L keys, the
-head over the current block's rows, d2Cache's attention probabilities), and its bytes are what it
+head over the rows the policy decodes (Policy.head_rows: the current block, or d2Cache's certainty
+window), d2Cache's attention probabilities), and its bytes are what it
 must move at least once: the weights of every layer it touches and the head, the cached keys and
 values it attends over, and the cache rows it writes. Norms, RoPE and other elementwise work are not
 counted (they are O(rows x d), a few percent of the FLOPs). The floor of a kind is the roofline
@@ -87,12 +88,12 @@ def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, 
     """The FLOPs and bytes of one step of `kind` (all batch rows); quant: weight-only quantized matrices;
     tp > 1: those of one tensor-parallel rank, with the bytes it sends to the others and its collectives."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    L, B, Bl, d = shape.length, shape.batch, shape.block_length, cfg.d_model
+    L, B, d, R = shape.length, shape.batch, cfg.d_model, policy.head_rows(shape, kind)
     work = policy.work(cfg, shape, kmax, kind)
     layers = [layer_cost(Shard(0, tp).local(cfg), L, lw, elt, quant) for lw in work]
     V = cfg.vocab_size // tp
     head_mode = quant.mode if quant is not None and "head" in quant.fields(cfg) else "none"
-    head_flops = 2 * Bl * d * V
+    head_flops = 2 * R * d * V
     head_bytes = matrix_bytes(V, d, elt, head_mode, quant.group_for("head", d) if head_mode == "int4" else 128)
     weight_bytes = sum(c.bytes - c.cache for c in layers)      # read once per step whatever the batch
     cache_bytes = B * sum(c.cache for c in layers)             # every batch row's own keys, values, deltas
@@ -106,7 +107,7 @@ def kind_cost(cfg: ModelConfig, shape: RequestShape, kmax: int, policy: Policy, 
                 link, collectives = link + ring * B * lw.rows * L * 4, collectives + 1
             if lw.v_rows > lw.rows:                            # dLLM-Cache V-verify: 3 sums per response row
                 link, collectives = link + ring * 3 * B * lw.v_rows * 4, collectives + 1
-        link, collectives = link + (tp - 1) / tp * B * Bl * cfg.vocab_size * elt, collectives + 1   # head gather
+        link, collectives = link + (tp - 1) / tp * B * R * cfg.vocab_size * elt, collectives + 1    # head gather
     return Cost(B * (sum(c.flops for c in layers) + head_flops), weight_bytes + cache_bytes + head_bytes,
                 cache_bytes, link, collectives)
 

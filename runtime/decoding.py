@@ -8,7 +8,7 @@ count in the schedule (a static shape), k is read from the schedule tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -20,6 +20,9 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 # The dtype confidences are ranked (and thresholds compared) in: float64 as Fast-dLLM; "logits" = the
 # logits' own dtype, as the official LLaDA sampler and dLLM-Cache (bf16 on a GPU, with its exact ties).
 CONFIDENCE_DTYPES = ("float64", "logits")
+# Tokens committed per step: "uniform" spreads a block's masks evenly over its steps (LLaDA's rule, the
+# reference d2Cache's n per step for both families), "timesteps" follows Dream's linspace(1, eps) schedule.
+SCHEDULES = ("uniform", "timesteps")
 MAX_TEMPERATURE = 10.0   # sampling temperatures above this overflow LLaDA's float64 Gumbel race
 
 
@@ -36,6 +39,7 @@ class DecodeStructure:
     threshold: bool                # threshold decoding: a data-dependent number of steps
     confidence_dtype: str
     eps: float                     # Dream: linspace(1, eps, steps + 1)
+    schedule: str                  # SCHEDULES: how many tokens each step commits
 
     @property
     def random_per_row(self) -> bool:      # needs one uniform per candidate row per step
@@ -76,12 +80,13 @@ class DecodeConfig:
     eps: float = 1e-3              # Dream: linspace(1, eps, steps + 1)
     threshold: float | None = None  # commit every masked block row with p(x0) >= threshold (at least one)
     confidence_dtype: str = "float64"  # CONFIDENCE_DTYPES: what p(x0) and the confidences are computed in
+    schedule: str | None = None    # SCHEDULES; None: the family's own (LLaDA uniform, Dream timesteps)
 
     @staticmethod
     def make(family: str, remasking=None, alg=None, temperature=0.0, top_p=None, top_k=None,
-             threshold=None, confidence_dtype: str = "float64") -> "DecodeConfig":
+             threshold=None, confidence_dtype: str = "float64", schedule: str | None = None) -> "DecodeConfig":
         """Validate user options against the model family and fill the family defaults."""
-        check_values(temperature, top_p, top_k, threshold, confidence_dtype)
+        check_values(temperature, top_p, top_k, threshold, confidence_dtype, schedule)
         fam = FAMILY_DECODING[family]
         given = {"remasking": remasking, "alg": alg}
         rule = given.pop(fam.option) or fam.default
@@ -99,11 +104,15 @@ class DecodeConfig:
             raise RequestError(f"threshold decoding ranks rows by confidence; {fam.label}'s {rule!r} "
                                f"{fam.option} reveals rows at random. Use --{fam.option} "
                                f"{', '.join(r for r in fam.rules if r != rule)} with --threshold", "threshold")
+        if rule == fam.reveal_rule and schedule not in (None, fam.schedule):
+            raise RequestError(f"{fam.label}'s {rule!r} {fam.option} reveals each row with the probability of the "
+                               f"{fam.schedule} schedule; --schedule {schedule} needs --{fam.option} "
+                               f"{', '.join(r for r in fam.rules if r != rule)}", "schedule")
         kw = {fam.option: rule}
         if fam.filters:
             kw.update(top_p=top_p, top_k=top_k)
         return DecodeConfig(family, temperature=float(temperature), threshold=threshold,
-                            confidence_dtype=confidence_dtype, **kw)
+                            confidence_dtype=confidence_dtype, schedule=schedule, **kw)
 
     @property
     def structure(self) -> DecodeStructure:
@@ -112,7 +121,8 @@ class DecodeConfig:
         return DecodeStructure(self.family, rule if fam.option == "remasking" else None,
                                rule if fam.option == "alg" else None, self.temperature > 0,
                                self.top_p is not None and self.top_p < 1, self.top_k is not None,
-                               self.threshold is not None, self.confidence_dtype, self.eps)
+                               self.threshold is not None, self.confidence_dtype, self.eps,
+                               self.schedule or fam.schedule)
 
     @property
     def values(self) -> DecodeValues:
@@ -120,11 +130,14 @@ class DecodeConfig:
                             0 if self.top_k is None else self.top_k, 1.0 if self.threshold is None else self.threshold)
 
 
-def check_values(temperature=0.0, top_p=None, top_k=None, threshold=None, confidence_dtype="float64") -> None:
+def check_values(temperature=0.0, top_p=None, top_k=None, threshold=None, confidence_dtype="float64",
+                 schedule=None) -> None:
     """The decoding numbers' types and ranges (RequestError), whatever the family."""
     if confidence_dtype not in CONFIDENCE_DTYPES:
         raise RequestError(f"unknown confidence_dtype {confidence_dtype!r}; choose one of "
                            f"{', '.join(CONFIDENCE_DTYPES)}", "confidence_dtype")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise RequestError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}", "schedule")
 
     def real(name, v, ok, message):                    # a finite number for which ok(v) holds
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
@@ -190,10 +203,11 @@ def dream_reveal_probs(steps_per_block: int, eps: float = 1e-3) -> list[float]:
     return [float(1 - ts[i + 1] / ts[i]) if i < steps_per_block - 1 else 1.0 for i in range(steps_per_block)]
 
 
-def commit_counts(s: DecodeStructure, gen_length: int, block_length: int, steps: int) -> list[int]:
+def commit_counts(s: "DecodeStructure | DecodeConfig", gen_length: int, block_length: int, steps: int) -> list[int]:
     """Tokens committed at each of the request's steps (over all blocks)."""
     spb = check_shape(gen_length, block_length, steps)
-    return FAMILY_DECODING[s.family].counts(block_length, spb, s.eps) * (gen_length // block_length)
+    schedule = s.schedule or FAMILY_DECODING[s.family].schedule      # a DecodeConfig may leave it to the family
+    return SCHEDULE_COUNTS[schedule](block_length, spb, s.eps) * (gen_length // block_length)
 
 
 # ---------------------------------------------------------------- token choice (device, inside a step)
@@ -270,6 +284,14 @@ def choose(s: DecodeStructure, logits: torch.Tensor, noise: torch.Tensor | None,
     return FAMILY_DECODING[s.family].choose(s, logits, noise, unif, raw, values, cdtype)
 
 
+def top_p0(s: DecodeStructure, logits: torch.Tensor, raw: torch.Tensor | None, values) -> torch.Tensor:
+    """p(x0) [B, R] of each row's most likely token, as `choose` computes it at temperature 0 with the
+    request's filters and confidence dtype: the certainty of rows a step does not commit from (d2Cache's
+    rows outside the block; the reference keeps the p of a token it drew and discarded there)."""
+    greedy = replace(s, sampled=False, remasking=s.remasking and "low_confidence", alg=s.alg and "maskgit_plus")
+    return choose(greedy, logits, None, None, raw, values)[2]
+
+
 @dataclass(frozen=True)
 class FamilyDecoding:
     """A model family's decoding: the option naming its token-choice rule, its schedule, its sampler."""
@@ -280,7 +302,7 @@ class FamilyDecoding:
     random_rule: str                 # the rule that draws one uniform per row
     reveal_rule: str | None          # the rule that reveals rows at random instead of ranking them
     filters: bool                    # top-p / top-k
-    counts: Callable[[int, int, float], list[int]]      # (block, steps per block, eps) -> commits per step
+    schedule: str                    # its own schedule (SCHEDULES), when the request names none
     choose: Callable
     noise_dtype: torch.dtype         # sampling noise per vocabulary entry: LLaDA's Gumbel uniforms in float64,
     noise_draw: str                  # Dream's Exp(1) race in fp32 ("uniform" | "exponential")
@@ -288,9 +310,12 @@ class FamilyDecoding:
 
 FAMILY_DECODING = {
     "llada": FamilyDecoding("LLaDA", "remasking", LLADA_REMASKING, "low_confidence", "random", None, False,
-                            lambda block, spb, eps: llada_block_counts(block, spb), _choose_llada,
-                            torch.float64, "uniform"),
+                            "uniform", _choose_llada, torch.float64, "uniform"),
     "dream": FamilyDecoding("Dream", "alg", DREAM_ALGS, "entropy", "origin", "origin", True,
-                            dream_block_counts, _choose_dream, torch.float32, "exponential"),
+                            "timesteps", _choose_dream, torch.float32, "exponential"),
+}
+SCHEDULE_COUNTS: dict[str, Callable[[int, int, float], list[int]]] = {   # (block, steps per block, eps) -> commits
+    "uniform": lambda block, spb, eps: llada_block_counts(block, spb),
+    "timesteps": dream_block_counts,
 }
 FAMILY_DECODING_LABEL = {f.option: f.label for f in FAMILY_DECODING.values()}   # option -> the family it belongs to

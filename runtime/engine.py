@@ -344,7 +344,8 @@ class Engine:
                  on_block: Callable[[BlockEvent], None] | None = None, **options) -> Generation:
         """Generate for a Request, or for a prompt and Request's options as keywords (gen_length, steps,
         block_length, prompt_bucket, remasking, alg, temperature, top_p, top_k, threshold,
-        confidence_dtype, policy, seed, chat, stop, text_tokens); lengths left out take the model's defaults.
+        confidence_dtype, schedule, policy, seed, chat, stop, text_tokens); lengths left out take the model's
+        defaults.
         progress(launched, planned): called after each step is launched, host-side only (no device read;
         on a GPU the device may still be working on it); planned is the most steps the request can take.
         Raising from it stops the generation between two steps. progress=True: a bar on stderr (a

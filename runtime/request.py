@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .decoding import CONFIDENCE_DTYPES, DREAM_ALGS, LLADA_REMASKING, DecodeConfig, check_shape, check_values
+from .decoding import CONFIDENCE_DTYPES, DREAM_ALGS, LLADA_REMASKING, SCHEDULES, DecodeConfig, check_shape, check_values
 from .errors import RequestError
 from .policy import NoCache, Policy
 from .state import RequestShape
@@ -51,6 +51,10 @@ class Request:
     confidence_dtype: str = field(default="float64", metadata=_opt(
         "rank and threshold p(x0) in float64 (as Fast-dLLM; default) or in the logits' own dtype (as the "
         "official LLaDA sampler and dLLM-Cache: reproduces them tie for tie at bf16)", choices=CONFIDENCE_DTYPES))
+    schedule: str | None = field(default=None, metadata=_opt(
+        "tokens committed per step: uniform (a block's masks spread evenly over its steps, LLaDA's; the "
+        "reference d2Cache's n per step for Dream too) or timesteps (Dream's linspace schedule); default: "
+        "the family's own", choices=SCHEDULES))
     policy: Policy = field(default_factory=NoCache, metadata=_opt("cache policy (None: NoCache)"))
     seed: int | tuple[int, ...] = field(default=0, metadata=_opt(
         "seed of the sampling noise: one stream for the batch, or a list with one seed per prompt row"))
@@ -66,7 +70,7 @@ class Request:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise RequestError(f"{name} must be an integer >= 1, got {v!r}", name)
-        check_values(self.temperature, self.top_p, self.top_k, self.threshold, self.confidence_dtype)
+        check_values(self.temperature, self.top_p, self.top_k, self.threshold, self.confidence_dtype, self.schedule)
         for name, allowed in (("remasking", LLADA_REMASKING), ("alg", DREAM_ALGS)):
             v = getattr(self, name)
             if v is not None and v not in allowed:
@@ -113,7 +117,7 @@ class Request:
 
     def decode_config(self, family: str) -> DecodeConfig:
         return DecodeConfig.make(family, self.remasking, self.alg, self.temperature, self.top_p, self.top_k,
-                                 self.threshold, self.confidence_dtype)
+                                 self.threshold, self.confidence_dtype, self.schedule)
 
     def check(self, cfg) -> DecodeConfig:
         """Everything config.json decides (decoding options against the family, the policy against the
@@ -131,7 +135,7 @@ class Request:
 
 
 OPTION_FIELDS = tuple(f for f in fields(Request) if f.name != "prompt")
-DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold", "confidence_dtype")
+DECODING_OPTIONS = ("remasking", "alg", "temperature", "top_p", "top_k", "threshold", "confidence_dtype", "schedule")
 
 
 @dataclass(frozen=True)

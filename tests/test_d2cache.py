@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from dllm.models.layers import forward
 from dllm.runtime import D2Cache, Engine, RequestError, make_policy
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.d2cache import (
@@ -19,6 +20,7 @@ from dllm.runtime.policy.d2cache import (
     rollout_full,
     rollout_rows,
     row_mask,
+    search_window,
 )
 from dllm.runtime.state import Cache, RequestShape, StepState
 from tests.test_cache import NoHostSync
@@ -243,3 +245,58 @@ def test_cli_flags(capsys, tiny_dirs, engines):
     assert rc == 0 and obj["step_kinds"] == {"full": 1, "selected": 15}
     pol = D2Cache(k=4, sigma=5.0, attn_budget=3, attn_p=0.2, quasi_l2r=True)
     assert obj["tokens"] == engines["dream"].generate([5, 6, 7], gen_length=16, steps=16, policy=pol).tokens
+
+
+# ---------------------------------------------------------------- issue 23: blocks shorter than the response
+
+def test_certainty_window_size():
+    # the block, then ceil(k / block) blocks: the k-th remaining mask lies inside whether or not the step
+    # finishes its block; capped at G (one block: the block itself)
+    assert D2Buffers.window_rows(RequestShape(1, 4, 32, 8, 32), 4) == 16
+    assert D2Buffers.window_rows(RequestShape(1, 4, 32, 8, 32), 12) == 24
+    assert D2Buffers.window_rows(RequestShape(1, 4, 32, 8, 32), 64) == 32
+    assert D2Buffers.window_rows(RequestShape(1, 4, 256, 32, 256), 32) == 64
+    assert D2Buffers.window_rows(RequestShape(1, 4, 256, 256, 256), 32) == 256
+
+
+def test_search_window_by_hand():
+    # G 12, block 4, k 3: masks at 1, 5, 6, 9, 10 -> the 3rd is at 6 (block 1): candidates from the block
+    # start to 7; with k 5 the 5th is at 10 (block 2): to 11; with fewer masks than k: to the end
+    _, d2 = _d2(12, 1.0)
+    masked = torch.zeros(1, 12, dtype=torch.bool)
+    masked[0, [1, 5, 6, 9, 10]] = True
+    for k, start, want in ((3, 0, range(0, 8)), (3, 4, range(4, 8)), (5, 0, range(0, 12)), (9, 4, range(4, 12))):
+        d2.k = k
+        got = search_window(d2, masked, torch.tensor([start]), 4)[0].nonzero().flatten().tolist()
+        assert got == list(want), (k, start, got)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_full_step_gives_a_certainty_to_every_window_row(engines, family):
+    # after step 1 every row of the window (block 0 and the ceil(k / block) blocks after it) holds p(x0)
+    # of a whole-canvas forward, not only the block's rows
+    eng = engines[family]
+    pol = D2Cache(k=6, attn_budget=2)
+    st, cache, d2 = _state(eng, pol, PROMPTS[0], G=24, block=4)
+    P = st.shape.prompt_bucket
+    with torch.inference_mode():
+        logits = forward(eng.weights, eng.cfg, st.tokens.clone())[0].float()
+        logits[:, eng.cfg.mask_id] = float("-inf")
+        d2_full(eng.weights, eng.cfg, st, cache, d2, False)
+    shift = 1 if eng.cfg.shift_logits else 0
+    p0 = logits[P - shift:P - shift + 24].double().softmax(-1).amax(-1).float()
+    W = D2Buffers.window_rows(st.shape, 6)
+    assert W == 12
+    assert torch.allclose(d2.conf_all[0, :W], p0[:W], atol=1e-6)
+    assert (d2.conf_all[0, W:] == 1.0).all()                     # never read before a later step writes them
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_d2_steps_with_blocks_never_sync_the_host(engines, family):
+    eng = engines[family]
+    pol = D2Cache(k=5, attn_budget=2, attn_p=0.5)
+    st, cache, d2 = _state(eng, pol, PROMPTS[0], G=16, block=4)
+    with torch.inference_mode(), NoHostSync():
+        d2_full(eng.weights, eng.cfg, st, cache, d2, True)
+        for _ in range(5):
+            d2_selected(eng.weights, eng.cfg, st, cache, d2, pol.attn_p, True)

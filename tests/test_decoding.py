@@ -39,6 +39,34 @@ def test_dream_linspace_schedule_by_hand():
     assert dream_reveal_probs(4)[-1] == 1.0 and abs(dream_reveal_probs(4)[0] - (1 - 0.75025)) < 1e-6
 
 
+def test_schedule_option():
+    # unset: each family's own; uniform: LLaDA's even split for Dream too (n tokens per step, as the
+    # reference d2Cache); timesteps: Dream's linspace schedule for LLaDA too
+    assert commit_counts(DecodeConfig.make("dream").structure, 16, 8, 8) == dream_block_counts(8, 4) * 2
+    assert commit_counts(DecodeConfig.make("dream", schedule="uniform").structure, 16, 8, 8) == [2] * 8
+    assert commit_counts(DecodeConfig.make("dream", schedule="uniform").structure, 16, 8, 6) == [3, 3, 2] * 2
+    assert commit_counts(DecodeConfig.make("llada", schedule="timesteps").structure, 16, 8, 8) == [1, 2, 2, 3] * 2
+    assert DecodeConfig.make("dream", schedule="timesteps").structure == DecodeConfig.make("dream").structure
+    with pytest.raises(RequestError, match="unknown schedule 'even'; choose one of uniform, timesteps"):
+        DecodeConfig.make("dream", schedule="even")
+    with pytest.raises(RequestError, match="'origin' alg reveals each row .* needs --alg"):
+        DecodeConfig.make("dream", alg="origin", schedule="uniform")
+
+
+def test_dream_commits_per_step_follow_the_schedule(engines):
+    eng = engines["dream"]
+    for prompt in PROMPTS:
+        kw = dict(gen_length=8, steps=4, alg="maskgit_plus")
+        assert [len(c) for c in _commits(eng, prompt, schedule="uniform", **kw)] == [2, 2, 2, 2]
+        assert [len(c) for c in _commits(eng, prompt, **kw)] == dream_block_counts(8, 4) == [1, 2, 2, 3]
+
+
+def _commits(eng, prompt, **kw):
+    out = []
+    eng.generate(prompt, on_step=lambda ev: out.append(ev.committed[0]), **kw)
+    return out
+
+
 @pytest.mark.parametrize("g,b,s,msg", [(10, 4, 4, "not a multiple of block_length"),
                                        (16, 8, 5, "not a multiple of the number of blocks 2"),
                                        (0, 8, 8, ">= 1")])

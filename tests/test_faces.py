@@ -13,7 +13,7 @@ from dllm.runtime.request import DECODING_OPTIONS, OPTION_FIELDS
 CASES = [  # (family, decoding options): every option of DECODING_OPTIONS at a value that is not its default
     ("llada", {"confidence_dtype": "logits", "threshold": 0.6}),
     ("llada", {"remasking": "random", "temperature": 0.7, "seed": 3}),
-    ("dream", {"alg": "topk_margin", "temperature": 0.5, "top_p": 0.9, "top_k": 20, "seed": 4}),
+    ("dream", {"alg": "topk_margin", "temperature": 0.5, "top_p": 0.9, "top_k": 20, "seed": 4, "schedule": "uniform"}),
 ]
 SHAPE = {"gen_length": 8, "steps": 8}
 

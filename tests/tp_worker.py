@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 tests/tp_worker.py RUNS.json OUT_DIR
 
 RUNS.json: [{"folder", "policy" (a policy spec), "prompts" (id lists), "options" (generate keywords),
-"backend", "device", "quantize" (from_pretrained's quantize keywords)}] or [{"folder", "forward" (one id list)}]. Each rank writes OUT_DIR/rank<r>.json: per run, in
+"backend", "device", "quantize" (from_pretrained's quantize keywords)}]
+or [{"folder", "forward" (one id list)}]. Each rank writes OUT_DIR/rank<r>.json: per run, in
 order, the tokens, or the whole-canvas logits of models.layers.forward."""
 import json
 import os

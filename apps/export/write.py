@@ -227,7 +227,7 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
            replace: bool = False, **options) -> dict:
     """Write a package (plan.json, manifest.txt and the format's programs) for one request shape (a
     Request without a prompt, or its options as keywords: prompt_bucket, gen_length, steps, block_length,
-    policy, remasking, alg, confidence_dtype); returns the plan. replace: allow replacing a non-empty
+    policy, remasking, alg, confidence_dtype, schedule); returns the plan. replace: allow replacing a non-empty
     `out` (only once the new one is complete)."""
     if fmt not in FORMATS:
         raise RequestError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -288,7 +288,8 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
             "vocab_size": cfg.vocab_size, "mask_id": cfg.mask_id, "pad_id": cfg.pad_id,
             "dtype": str(engine.dtype).replace("torch.", ""), "device": dev.type,
             "policy": {"name": policy.name, **policy.params()},
-            "decoding": {"remasking": s.remasking, "alg": s.alg, "confidence_dtype": s.confidence_dtype},
+            "decoding": {"remasking": s.remasking, "alg": s.alg, "confidence_dtype": s.confidence_dtype,
+                         "schedule": s.schedule},
             "kinds": kinds, "plan": plan, "tokens_buffer": "st_tokens", "export_seconds": time.perf_counter() - t0,
             "state_names": list(prep.tensors()) if fmt == "aoti" else None,
             "weights": weights,

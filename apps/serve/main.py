@@ -21,7 +21,7 @@ buckets; `shapes` also prepares new shapes, the default without buckets).
 first --bucket with that G; a max_tokens no bucket has runs in the smallest longer bucket, its text cut
 at max_tokens. Every other Request option travels as an extra top-level JSON field (the openai client's
 `extra_body`) under its own name: policy and its options, threshold, steps, block_length, remasking,
-alg, confidence_dtype, prompt_bucket, top_k, ...; `seed`, `temperature`, `top_p` and `stop` are the
+alg, confidence_dtype, schedule, prompt_bucket, top_k, ...; `seed`, `temperature`, `top_p` and `stop` are the
 OpenAI fields. The response ends at the first end-of-text token or at a `stop` sequence.
 
 Streaming (`stream: true`): text is sent as soon as it is final, one read of the device per finished

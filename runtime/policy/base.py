@@ -10,8 +10,9 @@ CLI help; the CLI builds --flags from them). It owns:
 - `scratch(...)`: its own buffers beyond the shared state and cache (or None), and `reset` to clear
   them when a request is loaded;
 - `bodies(...)`: its zero-argument step bodies by kind, bound to one prepared request's buffers;
-- `work(...)`: how many rows each layer of a step kind recomputes (the FLOP / byte floors in perf/
-  are computed from it, so a policy's cost model lives next to its step bodies).
+- `work(...)`: how many rows each layer of a step kind recomputes, and `head_rows(...)` how many rows
+  it computes logits for (the FLOP / byte floors in perf/ are computed from them, so a policy's cost
+  model lives next to its step bodies).
 The engine, the backends, export and the CLI only talk to this protocol, never to a policy's name.
 """
 from __future__ import annotations
@@ -70,11 +71,15 @@ class Policy:
         """Clear the scratch when a new request is loaded."""
 
     def work(self, cfg: ModelConfig, shape: RequestShape, kmax: int, kind: str) -> list[LayerWork]:
-        """Per layer, what step `kind` recomputes (kmax: the most tokens a step commits). The logits of
-        the current block's rows are computed by every kind."""
+        """Per layer, what step `kind` recomputes (kmax: the most tokens a step commits); the logits it
+        computes are head_rows'."""
         if kind == "full":
             return full_work(cfg, shape)
         raise NotImplementedError(f"{self.name} does not describe the work of its {kind!r} steps")
+
+    def head_rows(self, shape: RequestShape, kind: str) -> int:
+        """Rows step `kind` computes logits for (default: the current block's)."""
+        return shape.block_length
 
     def bodies(self, w: Weights, cfg: ModelConfig, st: StepState, cache: Cache | None,
                scratch) -> dict[str, Callable[[], None]]:
