@@ -158,6 +158,22 @@ def error_exit(message: str, prog: str = "dllm") -> int:
     return 2
 
 
+def run_guarded(run: Callable[[argparse.Namespace], int], a: argparse.Namespace, quiet: bool) -> int:
+    """A face's run(a) with progress on stderr and every expected failure as one line, exit 2 (Ctrl-C: 130)."""
+    restore = setup_output(quiet=quiet)
+    try:
+        return run(a)
+    except expected_errors() as e:
+        return error_exit(str(e))
+    except OSError as e:                      # an unreadable folder, an --out that cannot be written, ...
+        return error_exit(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print("dllm: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        restore()
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input, not a bug (one line, exit 2)."""
     from dllm.graphs import BackendError

@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from dllm.apps.common import error_exit, expected_errors, setup_output
+from dllm.apps.common import error_exit, run_guarded
 from dllm.runtime.device import DTYPE_CHOICES
 
 
@@ -49,12 +49,4 @@ def run(a) -> int:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    restore = setup_output(quiet=a.quiet)
-    try:
-        return run(a)
-    except expected_errors() as e:
-        return error_exit(str(e))
-    except OSError as e:
-        return error_exit(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    finally:
-        restore()
+    return run_guarded(run, a, quiet=a.quiet)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from dllm.apps.common import engine_args, engine_from_args, error_exit, expected_errors, request_args, setup_output
+from dllm.apps.common import engine_args, engine_from_args, request_args, run_guarded
 
 from .package import FORMATS
 
@@ -45,15 +44,4 @@ def run(a) -> int:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    restore = setup_output(quiet=a.quiet)
-    try:
-        return run(a)
-    except expected_errors() as e:
-        return error_exit(str(e))
-    except OSError as e:                      # an --out that cannot be written, ...
-        return error_exit(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    except KeyboardInterrupt:
-        print("dllm: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        restore()
+    return run_guarded(run, a, quiet=a.quiet)
