@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import CheckpointError, ModelConfig
+from .prepack import Packed
+from .prepack import matmul as packed_matmul
 
 MODES = ("none", "int8", "int4")
 GROUPS = (32, 64, 128, 256)          # the group sizes the int4 kernels take
@@ -202,6 +204,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, lo: int
     branch. int4's packed rows cannot be sliced (the packing interleaves rows), so a row range of an int4
     matrix is cut from the whole product: the dual-cache / dLLM-Cache V-only and Q|K projections cost the
     full fused projection's bytes at int4."""
+    if isinstance(w, Packed):
+        return packed_matmul(x, w, lo, hi)
     if scale is None:
         return x @ w[lo:hi].t()
     lead, K = x.shape[:-1], x.shape[-1]

@@ -100,7 +100,7 @@ def engines(models):
     def get(preset: str, backend: str) -> Engine:
         if (preset, backend) not in cache:
             m = models(preset)
-            dtype = m.weights.wqkv.dtype
+            dtype = torch.bfloat16 if preset in SHAPE_PRESETS else torch.float32
             cache[(preset, backend)] = Engine(m.cfg, m.weights, device=_device(), dtype=dtype, backend=backend)
         return cache[(preset, backend)]
     return get

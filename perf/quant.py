@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dllm.models import prepack
 from dllm.models.tiny import PRESETS, write_tiny
 from dllm.runtime import Engine
 from dllm.runtime.decoding import DecodeConfig
@@ -41,7 +42,7 @@ def modes(act: str, head: bool = False) -> dict[str, tuple[str, str]]:
 def weight_bytes(eng: Engine) -> int:
     """Bytes of the loaded weights, each storage once (a tied head is the embedding)."""
     seen, total = set(), 0
-    for t in eng.weights.tensors().values():
+    for t in prepack.plain(eng.weights).tensors().values():     # packed ones as the matrices they hold
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

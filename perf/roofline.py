@@ -178,18 +178,24 @@ def best_seconds(device: torch.device, fn, iters: int) -> float:
 
 def measure_peaks(device, dtype: torch.dtype, cfg: ModelConfig | None = None, rows: int = 640) -> Peaks:
     """The matmul peak (best of square matmuls and, with cfg, the model's full-step FFN matmul
-    [rows, d] @ [d, 2F]) and the copy bandwidth, measured now on `device` in `dtype`."""
+    [rows, d] @ [d, 2F], each also with the weight prepacked for oneDNN where engines prepack: the
+    fastest way this machine multiplies) and the copy bandwidth, measured now on `device` in `dtype`."""
+    from dllm.models import prepack
     device = torch.device(device)
     big = device.type == "cuda"
     shapes = [(n, n, n) for n in ((4096, 8192) if big else (1024, 2048))]
     if cfg is not None:
         shapes.append((rows, cfg.d_model, 2 * cfg.mlp_hidden))
+    packs = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
     best = 0.0
     with torch.inference_mode():
         for m, k, n in shapes:
             a = torch.randn(m, k, device=device, dtype=dtype)
             b = torch.randn(n, k, device=device, dtype=dtype)
             best = max(best, 2 * m * k * n / best_seconds(device, lambda: a @ b.t(), 10))
+            if packs:
+                p = prepack.pack(b)
+                best = max(best, 2 * m * k * n / best_seconds(device, lambda: prepack.matmul(a, p), 10))
         src = torch.empty((2 << 30) if big else (512 << 20), dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         bw = 2 * src.numel() / best_seconds(device, lambda: dst.copy_(src), 10)
@@ -222,8 +228,8 @@ def markdown(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     from dllm.graphs import available
-    from dllm.runtime import make_policy
     from dllm.runtime.decoding import DecodeConfig
+    from dllm.runtime.options import parse_policy
 
     from .e2e import DTYPES, preset_engine, random_prompt
     from .steps import backend_times
@@ -237,10 +243,14 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--backend", default="eager", help="one of " + ", ".join(available(torch.device("cpu"))) +
                     " (CUDA: also cudagraph, compile+cudagraph)")
-    ap.add_argument("--policies", nargs="+", default=["none", "dllm-cache", "d2cache", "dual-cache"])
+    ap.add_argument("--policies", nargs="+", default=["none", "dllm-cache", "d2cache", "dual-cache"],
+                    help="policy specs, e.g. dllm-cache:kp=100,kr=7,rho=0.25")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--tp-table", action="store_true", help="print the tensor-parallel prediction for LLaDA-8B on "
                     "H100 / H200 (nominal peaks, no measurement) and exit")
+    ap.add_argument("--prepack", choices=["on", "off", "both"], default="on",
+                    help="CPU float32 eager: weights prepacked for oneDNN (Engine's prepack), plain, or both, "
+                    "interleaved per policy (the before / after of models/prepack.py)")
     ap.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                     help="weight-only quantization (bytes counted as stored)")
     a = ap.parse_args(argv)
@@ -262,11 +272,16 @@ def main(argv=None) -> None:
           f"quantize={a.quantize}")
     print(f"# {peaks.describe()}")
     rows = []
+    variants = {"on": [True], "off": [False], "both": [False, True]}[a.prepack]
     for name in a.policies:
-        policy = make_policy(name)
-        times, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, [a.backend], a.iters)
+        policy = parse_policy(name)
         kmax = eng.prepared(shape, DecodeConfig.make(cfg.family).structure, policy).state.kmax
-        rows += roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks, quant)
+        for packed in variants:
+            times, _ = backend_times(cfg, eng.weights, device, dtype, shape, policy, prompt, [a.backend], a.iters,
+                                     prepack=packed)
+            for r in roofline_rows(cfg, shape, kmax, policy, dtype, times[a.backend], peaks, quant):
+                rows.append(r | ({"policy": f"{r['policy']} ({'prepacked' if packed else 'plain'})"}
+                                 if len(variants) > 1 else {}))
     print("\n".join(markdown(rows)))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dllm.graphs import available
+from dllm.models import prepack
 from dllm.models.tiny import PRESETS, SHAPE_PRESETS
 from dllm.runtime import DllmCache, Engine
 from dllm.runtime.decoding import DecodeConfig
@@ -29,14 +30,15 @@ from .e2e import preset_engine, random_prompt
 KINDS = ("full", "response_refresh", "verify", "prompt_refresh")   # report order
 
 
-def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters, dc=None):
+def backend_times(cfg, weights, device, dtype, shape, policy, prompt, names, iters, dc=None, prepack=True):
     """{backend: {kind: median seconds}} and {backend: preparation seconds} for one request of `policy`
-    (every kind it has; warmed up in its capture order, so the full step writes the caches first)."""
+    (every kind it has; warmed up in its capture order, so the full step writes the caches first).
+    prepack: Engine's (False: plain weights on the CPU's float32 eager path too)."""
     dc = dc or DecodeConfig.make(cfg.family).structure
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     res, prep = {}, {}
     for name in names:
-        eng = Engine(cfg, weights, device=device, dtype=dtype, backend=name)
+        eng = Engine(cfg, weights, device=device, dtype=dtype, backend=name, prepack=prepack)
         prepared = eng.prepared(shape, dc, policy)
         prep[name] = eng.prepare_steps(prepared, policy.kinds)
         runners, st = prepared.steps, prepared.state
@@ -91,7 +93,7 @@ class Floor:
 def weight_floor(weights, device, cache=None) -> Floor:
     """The floors of a step on `device` (bandwidth measured there); cache: the request's Cache, whose
     K/V/A/M a partial step reads in full (None: weights only)."""
-    streamed = nbytes(t for n, t in weights.tensors().items() if n != "embed")
+    streamed = nbytes(t for n, t in prepack.plain(weights).tensors().items() if n != "embed")
     cached = nbytes(cache.tensors().values()) if cache is not None else 0
     return Floor(streamed, cached, device_bandwidth(torch.device(device)))
 

@@ -4,6 +4,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dllm.models import prepack
 from dllm.runtime import DllmCache, NoCache, RequestError, make_policy
 from dllm.runtime.decoding import DecodeConfig
 from dllm.runtime.policy.dllm_cache import cached_logits
@@ -257,7 +258,8 @@ def test_step_bodies_compile_as_one_graph(engines):
         st.write_values(dc.values)
         cache = Cache.allocate(cfg, shape, "cpu", torch.float32)
         st.fill(cfg, PROMPTS[1:], seed=3)
-        bodies = DllmCache(rho=4 / 16).bodies(eng.weights, cfg, st, cache, None)
+        w = prepack.plain(eng.weights)      # Inductor takes plain matrices, as the compile backend does
+        bodies = DllmCache(rho=4 / 16).bodies(w, cfg, st, cache, None)
         verify = torch.compile(bodies["verify"], fullgraph=True, dynamic=False) if compiled else bodies["verify"]
         with torch.inference_mode():
             for body in (bodies["full"], verify, verify):

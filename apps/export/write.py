@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from dllm.models import prepack as packing
 from dllm.models.checkpoint import TENSOR_FIELDS, Weights
 from dllm.runtime import Request, RequestError
 from dllm.runtime.prepared import Prepared, named_tensors
@@ -122,13 +123,13 @@ class _AotiProgram(torch.nn.Module):
         return (tensors["st_step"] + 0,)
 
 
-def _export_aoti(engine, prep: Prepared, kinds, out: Path, padded, n_pad) -> list:
+def _export_aoti(engine, w: Weights, prep: Prepared, kinds, out: Path, padded, n_pad) -> list:
     """Write aoti/<kind>.pt2, state.txt and weights.safetensors; returns plan.json's "weights"."""
     from safetensors.torch import save_file
     from torch._inductor import aoti_compile_and_package
     state = prep.tensors()
     names = list(state)
-    weights = weight_inputs(engine.weights)
+    weights = weight_inputs(w)
     (out / "aoti").mkdir()
     (out / "state.txt").write_text(state_lines(state))
     save_file({n: t.detach().contiguous().cpu() for n, t in weights.items()}, str(out / "weights.safetensors"))
@@ -231,7 +232,8 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
     `out` (only once the new one is complete)."""
     if fmt not in FORMATS:
         raise RequestError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    shard = engine.weights.shard
+    w = packing.plain(engine.weights)     # a package multiplies plain matrices (oneDNN's packing is the process's)
+    shard = w.shard
     if shard.parallel:
         raise RequestError(f"a package runs on one device: export from an engine loaded with tp=1 (this one is "
                            f"rank {shard.rank} of a tensor-parallel group of {shard.world})")
@@ -253,14 +255,14 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
         check_cuda_toolkit()
     out = Path(out)
     check_out(out, replace)
-    prep = Prepared.allocate(engine.weights, cfg, shape, s, policy, dev, engine.dtype)
+    prep = Prepared.allocate(w, cfg, shape, s, policy, dev, engine.dtype)
     plan = policy.plan(shape.steps, shape.steps // shape.n_blocks)
     kinds = [k for k in policy.kinds if k in plan]
     P = shape.prompt_bucket
     padded = torch.full((1, P), cfg.pad_id, dtype=torch.int64, device=dev)
     n_pad = torch.tensor([P - 1], device=dev)
     padded[0, -1] = 3 if cfg.mask_id != 3 else 4
-    need = 2 * (sum(t.numel() * t.element_size() for t in engine.weights.tensors().values()) + prep.nbytes)
+    need = 2 * (sum(t.numel() * t.element_size() for t in w.tensors().values()) + prep.nbytes)
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
     if need > free:
         raise PackageError(f"the package needs about {need / 2**30:.2f} GiB at {out.parent} but the disk has "
@@ -270,10 +272,10 @@ def export(engine, out: str | Path, request: Request | None = None, *, fmt: str 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")       # TorchScript is deprecated in torch >= 2.11 and says so per call
             if fmt == "aoti":
-                weights = _export_aoti(engine, prep, kinds, tmp, padded, n_pad)
+                weights = _export_aoti(engine, w, prep, kinds, tmp, padded, n_pad)
             else:
                 weights = None
-                tensors = {**named_tensors("w", engine.weights), **prep.tensors()}
+                tensors = {**named_tensors("w", w), **prep.tensors()}
                 mod = _step_module(tensors, {"fill": lambda p, n: prep.load(cfg, p, n),
                                              **{k: (lambda b: lambda _dummy: b())(prep.bodies[k]) for k in kinds}})
                 dummy = torch.zeros(1, device=dev)
