@@ -83,9 +83,10 @@ def _rebind(obj, prefix: str, tensors: dict):
 
 
 def weight_inputs(weights: Weights) -> dict[str, torch.Tensor]:
-    """The weights an AOTI step program takes, each storage once (a tied head is the embedding)."""
+    """The weights an AOTI step program takes, each storage once (a tied head is the embedding); prepacked
+    ones as the plain matrices they hold."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in named_tensors("w", weights).items():
+    for name, t in named_tensors("w", packing.plain(weights)).items():
         if not any(t is u for u in out.values()):
             out[name] = t
     return out
