@@ -18,7 +18,8 @@ a third of the matmul peak). Packed once, oneDNN's fp32 GEMM runs the same produ
 Packing applies to dense float32 weights on the CPU under the eager backend (Inductor cannot lower an
 opaque oneDNN tensor, so the compile backend keeps plain weights), where oneDNN is built in
 (torch.backends.mkldnn.is_available()). Memory: the packed matrices replace the plain ones in the
-engine's Weights, and the v rows of the fused q|k|v matrix are also packed alone (dLLM-Cache projects V
+engine's Weights (both are held while packing: with less memory free than that, the engine keeps plain
+weights and logs it), and the v rows of the fused q|k|v matrix are also packed alone (dLLM-Cache projects V
 for the whole response in every layer; the q|k rows of a partial step are cut from the whole product,
 which adds its few rows' v columns): kv / (all layer rows) more, 2 % for the small preset, 8 % at
 LLaDA-8B's shapes.
@@ -26,16 +27,19 @@ LLaDA-8B's shapes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelConfig
+from .memory import available_bytes
 
 if TYPE_CHECKING:                                    # checkpoint -> quant -> prepack: types only here
     from .checkpoint import Weights
 
+log = logging.getLogger("dllm")
 FIELDS = ("wqkv", "wo", "w_gate_up", "w_down")     # stacked [nL, N, K]; the head is one [V, d] matrix
 
 
@@ -102,5 +106,12 @@ def for_engine(w: Weights, cfg: ModelConfig, device, dtype: torch.dtype, backend
     """The Weights an engine runs: packed where `applies` (and `on`), plain otherwise (either kind may come
     in: the perf tools build engines of several backends, packed and not, on one engine's weights)."""
     if on and applies(device, dtype, backend, w):
-        return w if is_packed(w) else prepack(w, cfg)
+        if is_packed(w):
+            return w
+        need = sum(getattr(w, f).numel() * 4 for f in (*FIELDS, "head"))      # the packed copies, briefly beside
+        free = available_bytes(device)
+        if free is not None and need > free:
+            log.info("prepack: %.1f GiB to pack, %.1f GiB free: keeping plain weights", need / 2**30, free / 2**30)
+            return w
+        return prepack(w, cfg)
     return plain(w)
