@@ -2,9 +2,10 @@
 
 A plain `x @ w.t()` on the CPU goes through MKL's sgemm, which packs the weight into its own blocked
 layout on every call. For a partial step's 32-129 rows that packing costs as much as the product
-(`python -m dllm.perf.roofline` showed the block kind at 26 % of its floor, the head over the block at
-a third of the matmul peak). Packed once, oneDNN's fp32 GEMM runs the same products 1.2-2.3x faster
-(docs/performance.md, "CPU steps near their floor"). Two properties keep the runtime's equalities:
+(`python -m dllm.perf.roofline --prepack both` put the dual cache's block kind at 22 % of its floor with
+plain weights, 36 % packed). Packed once, oneDNN's fp32 GEMM runs the model's small-M products up to
+2.9x faster (`python -m dllm.perf.gemm`; docs/performance.md, "CPU steps near their floor").
+Two properties keep the runtime's equalities:
 
 - Every output row depends on its input row only, for any number of rows from 2 up, and a row range's
   columns are the whole product's: a partial step's rows stay bit-for-bit the rows a whole-canvas step

@@ -142,7 +142,7 @@ class Engine:
         body ran faster right after compiling (graphs.backends.keep_faster); False always runs compiled.
         defaults: the lengths a request that names none gets (from_pretrained reads generation_config.json).
         prepack: on CPU in float32 under the eager backend, hold the matrices packed once for oneDNN
-        (models/prepack.py: 1.6-2x faster steps); False keeps plain weights (MKL packs them on every call)."""
+        (models/prepack.py: partial steps 1.2-1.6x faster); False keeps plain weights (MKL packs them on every call)."""
         self.cfg = cfg
         self.rank_cfg = weights.shard.local(cfg)       # what this rank computes: its heads and FFN columns
         self.keep_faster = keep_faster
