@@ -164,3 +164,26 @@ def test_quant_kernels_table(capsys):
     quant.main(["--preset", "tiny", "--kernels"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 16 ", "| 320 "))]
     assert len(rows) == 4 and all(len(r.split("|")) == 7 for r in rows)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_roofline_prints_plain_and_prepacked_rows(capsys):
+    from dllm.perf import roofline
+    roofline.main(["--preset", "tiny", "--prompt-len", "12", "--gen-length", "16", "--block-length", "8",
+                   "--iters", "1", "--policies", "none", "dllm-cache:kp=4,kr=2,rho=0.25", "--prepack", "both"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in out if line.startswith("| ") and "ms" not in line]
+    labels = {(r[0].lstrip("| "), r[1]) for r in rows}
+    for variant in ("plain", "prepacked"):
+        assert (f"none ({variant})", "full") in labels and (f"dllm-cache ({variant})", "verify") in labels
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_gemm_prints_every_matrix_and_path(capsys):
+    from dllm.perf import gemm
+    gemm.main(["--preset", "tiny", "--rows", "8", "16", "--iters", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "onednn packed" in lines[0]
+    body = lines[1:]
+    assert {line.split(" | ")[0][2:] for line in body} == {"wqkv", "wo", "w_gate_up", "w_down", "head"}
+    assert len(body) == 10 and all(cell.count("x)") == 1 for line in body for cell in line.split(" | ")[3:])
