@@ -50,10 +50,6 @@ class Packed:
     whole: torch.Tensor                              # opaque oneDNN tensor, shape [N, K]
     ranges: dict[tuple[int, int], torch.Tensor]      # (lo, hi) -> the rows lo:hi packed alone
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.whole.shape
-
 
 def applies(device, dtype: torch.dtype, backend: str, w: Weights) -> bool:
     """Whether an engine with these settings packs its weights (the module docstring says when)."""
